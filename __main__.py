@@ -1,0 +1,4 @@
+"""``python -m ocd``."""
+from .cli import main
+
+main()

@@ -1,0 +1,133 @@
+"""The ``ocd`` command line: one command per stage, plus store and cache management.
+
+Conventions shared by every stage command: ``--task``, ``--config FILE`` (TOML, a table per
+stage) with command-line overrides on top, ``--cache-dir``, ``--json`` (one JSON object on
+stdout), ``--force``; progress bars go to stderr; bad input is one ``error:`` line on stderr.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .pipeline.errors import OcdError
+
+app = typer.Typer(
+    name="ocd",
+    help="OCD: learn to overfit with conditional diffusion models. A cached, two-stage data pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task name (see `ocd tasks`) or path/to/file.py:function.")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML file with \\[base], \\[overfit], \\[train], \\[evaluate] tables.")
+]
+CacheOpt = Annotated[Path, typer.Option("--cache-dir", help="Cache root.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, mps or auto.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute this stage even if it is cached.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+
+
+def _context(task: str, cache_dir: Path, device: str, no_progress: bool):
+    from .pipeline.cache import Cache
+    from .pipeline.context import Context, resolve_device
+
+    ctx = Context(task, Cache(cache_dir), resolve_device(device), show_progress=not no_progress)
+    _ = ctx.task  # fail early on an unknown task
+    return ctx
+
+
+def _configs(ctx, config: Path | None, **overrides: dict[str, Any]):
+    """Stage configs from defaults < task defaults < file < command-line overrides."""
+    from .pipeline.config import STAGE_CONFIGS, build_config, read_config_file
+
+    file_tables = read_config_file(config)
+    return {
+        stage: build_config(cls, ctx.task.defaults.get(stage), file_tables.get(stage), overrides.get(stage))
+        for stage, cls in STAGE_CONFIGS.items()
+    }
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise OcdError(f"{name} must be positive, got {value}")
+
+
+@app.command("tasks")
+def tasks_command(as_json: JsonOpt = False) -> None:
+    """List the registered tasks."""
+    import json
+
+    from .tasks import REGISTRY, task_names
+
+    if as_json:
+        print(json.dumps({name: REGISTRY[name] for name in task_names()}))
+        return
+    for name in task_names():
+        print(f"{name:28s} {REGISTRY[name]}")
+
+
+@app.command("base")
+def base_command(
+    task: TaskOpt = "mnist",
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = Path("data"),
+    device: DeviceOpt = "cpu",
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Minibatch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Stage zero: train the base model (cached by task, data, model and config)."""
+    from .pipeline.report import emit
+    from .stages.base import run_base
+
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr)):
+        _positive(name, value)
+    ctx = _context(task, cache_dir, device, no_progress)
+    cfgs = _configs(ctx, config, base={"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed})
+    ctx.cache.ensure_writable()
+    result = run_base(ctx, cfgs["base"], force=force)
+    if result.cached and not as_json:
+        ctx.say(f"[green]cache hit[/green]: base model {result.key}")
+    emit(result, as_json)
+
+
+def main() -> None:
+    """Entry point: runs the Typer app, turning every user error into one line on stderr."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=sys.argv[1:], prog_name="ocd", standalone_mode=False)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        code = 130
+    except OcdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as exc:
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        # A usage error from Typer's command-line parser (bad option value, unknown option).
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(exc.format_message(), file=sys.stderr)
+        else:
+            print(f"error: {exc.format_message()}", file=sys.stderr)
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

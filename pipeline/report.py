@@ -1,0 +1,48 @@
+"""Printing a stage's summary: a Rich table, or one JSON object on stdout."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .context import StageResult
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{name}."))
+        else:
+            out[name] = v
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isfinite(value) and value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def emit(result: StageResult, as_json: bool, console: Console | None = None) -> None:
+    """Print `result` as JSON (stdout, one object) or as a summary table."""
+    if as_json:
+        print(json.dumps(result.to_json(), default=str))
+        return
+    console = console or Console()
+    table = Table(title=f"ocd {result.stage}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = {"key": result.key, "path": str(result.path), "cached": result.cached, **flatten(result.summary)}
+    rows.update(flatten(result.metrics, "metrics."))
+    for name, value in rows.items():
+        if value is not None and not isinstance(value, (list, tuple)):
+            table.add_row(name, _fmt(value))
+    console.print(table)
