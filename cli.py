@@ -88,17 +88,81 @@ def base_command(
 ) -> None:
     """Stage zero: train the base model (cached by task, data, model and config)."""
     from .pipeline.report import emit
-    from .stages.base import run_base
 
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr)):
         _positive(name, value)
     ctx = _context(task, cache_dir, device, no_progress)
     cfgs = _configs(ctx, config, base={"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed})
     ctx.cache.ensure_writable()
-    result = run_base(ctx, cfgs["base"], force=force)
-    if result.cached and not as_json:
-        ctx.say(f"[green]cache hit[/green]: base model {result.key}")
+    emit(_stage_base(ctx, cfgs, force), as_json)
+
+
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Local Dask worker processes (default: one per core; 0 = in-process).")
+]
+ThreadsOpt = Annotated[int, typer.Option("--threads-per-worker", help="Threads (and torch threads) per worker.")]
+SchedulerOpt = Annotated[
+    str | None, typer.Option("--scheduler", help="Address of an existing Dask scheduler (e.g. tcp://host:8786).")
+]
+
+
+@app.command("overfit")
+def overfit_command(
+    task: TaskOpt = "mnist",
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = Path("data"),
+    device: DeviceOpt = "cpu",
+    steps: Annotated[int | None, typer.Option(help="Adam steps per sample.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    layer: Annotated[str | None, typer.Option(help="Layer to overfit (default: the task's).")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Samples per block (Dask task and Zarr chunk).")] = None,
+    codec: Annotated[str | None, typer.Option(help="Store compression: none, blosc-lz4, zstd.")] = None,
+    workers: WorkersOpt = None,
+    threads_per_worker: ThreadsOpt = 1,
+    scheduler: SchedulerOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Stage one: overfit the layer on every train and test sample into a Zarr record store."""
+    from .pipeline.report import emit
+
+    for name, value in (("--steps", steps), ("--lr", lr), ("--block-size", block_size)):
+        _positive(name, value)
+    if workers is not None and workers < 0:
+        raise OcdError(f"--workers must be >= 0, got {workers}")
+    _positive("--threads-per-worker", threads_per_worker)
+    ctx = _context(task, cache_dir, device, no_progress)
+    overrides = {"steps": steps, "lr": lr, "layer": layer, "block_size": block_size, "codec": codec}
+    cfgs = _configs(ctx, config, overfit=overrides)
+    ctx.cache.ensure_writable()
+    result = _stage_overfit(ctx, cfgs, _cluster(workers, threads_per_worker, scheduler), force)
     emit(result, as_json)
+
+
+def _cluster(workers, threads_per_worker, scheduler):
+    from .pipeline.cluster import ClusterConfig
+
+    return ClusterConfig(workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler)
+
+
+def _stage_base(ctx, cfgs, force: bool = False):
+    from .stages.base import run_base
+
+    result = run_base(ctx, cfgs["base"], force=force)
+    if result.cached:
+        ctx.say(f"[green]cache hit[/green]: base model {result.key}")
+    return result
+
+
+def _stage_overfit(ctx, cfgs, cluster, force: bool = False):
+    from .stages.overfit import run_overfit
+
+    base = _stage_base(ctx, cfgs)
+    result = run_overfit(ctx, base, cfgs["overfit"], cluster, force=force)
+    if result.cached:
+        ctx.say(f"[green]cache hit[/green]: record store {result.key}")
+    return result
 
 
 def main() -> None:

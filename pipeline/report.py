@@ -25,9 +25,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        if math.isfinite(value) and value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        if math.isfinite(value) and value != 0 and (abs(value) >= 1e7 or abs(value) < 1e-3):
             return f"{value:.3e}"
+        if abs(value) >= 100:
+            return f"{value:,.1f}"
         return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     return str(value)
 
 

@@ -1,0 +1,114 @@
+"""Conditional DDPM over weight deltas: noise schedule, DDIM sampler, U-Net denoiser, scale model, EMA.
+
+Pure torch. Typical use::
+
+    schedule, sampler = create_diffusion()                      # T=1000, linear betas
+    unet = create_denoiser("quick", {"act_in": 120, "act_out": 84, "output": 10})
+    unet.normalizer.fit(train_cond)                             # conditioning statistics
+    size = unet.image_shape((84, 120))                          # padded canvas
+    loss = denoising_loss(lambda x, t: unet(x, t, cond), schedule, to_image(delta / rho, size))
+    ...
+    omega = sampler.sample(lambda x, t: ema.module(x, t, cond), noise, num_steps=10)
+    delta_hat = rho_hat[:, None, None] * from_image(omega, (84, 120))
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import NamedTuple
+
+from .conditioning import ConditionEmbedding, ConditionNormalizer
+from .ddim import DDIMSampler, ddim_timesteps
+from .ema import EMA
+from .scale_model import ScaleModel, scale_loss
+from .schedule import NoiseSchedule, ScheduleConfig, denoising_loss
+from .unet import UNet, UNetConfig, count_parameters, from_image, padded_shape, to_image
+
+#: Denoiser profiles (read-only). ``cond_dims`` is filled in by :func:`create_denoiser`.
+PROFILES: Mapping[str, UNetConfig] = MappingProxyType(
+    {
+        # Paper / public OCD MNIST config: 128 channels, five downsamplings (128x128 canvas -> 4x4),
+        # two residual blocks per level, attention at 16x16 (level 3 of a 128 canvas) and the bottleneck.
+        "paper": UNetConfig(
+            channels=128,
+            channel_mult=(1, 1, 2, 2, 4, 4),
+            num_res_blocks=2,
+            attention_levels=(3,),
+            dropout=0.4,
+        ),
+        # CPU-sized: two downsamplings (84x120 -> 21x30), attention only at the lowest level.
+        "quick": UNetConfig(
+            channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_levels=(2,),
+            dropout=0.1,
+            norm_groups=8,
+        ),
+        # For tests: one downsampling, a few thousand parameters per level.
+        "tiny": UNetConfig(
+            channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            dropout=0.0,
+            norm_groups=4,
+        ),
+    }
+)
+
+
+class Diffusion(NamedTuple):
+    """The forward process and its sampler."""
+
+    schedule: NoiseSchedule
+    sampler: DDIMSampler
+
+
+def create_diffusion(
+    num_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 2e-2,
+    clip_x0: float | None = None,
+) -> Diffusion:
+    """A linear-beta :class:`NoiseSchedule` and a :class:`DDIMSampler` over it."""
+    schedule = NoiseSchedule(ScheduleConfig(num_timesteps, beta_start, beta_end))
+    return Diffusion(schedule, DDIMSampler(schedule, clip_x0=clip_x0))
+
+
+def create_denoiser(
+    profile: str | UNetConfig = "quick", cond_dims: Mapping[str, int] | None = None, **overrides
+) -> UNet:
+    """A :class:`UNet` from a profile name (or config), conditioning widths and field overrides."""
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise KeyError(f"unknown denoiser profile {profile!r}; known: {sorted(PROFILES)}")
+        profile = PROFILES[profile]
+    if cond_dims is not None:
+        overrides["cond_dims"] = dict(cond_dims)
+    return UNet(dataclasses.replace(profile, **overrides))
+
+
+__all__ = [
+    "PROFILES",
+    "ConditionEmbedding",
+    "ConditionNormalizer",
+    "DDIMSampler",
+    "Diffusion",
+    "EMA",
+    "NoiseSchedule",
+    "ScaleModel",
+    "ScheduleConfig",
+    "UNet",
+    "UNetConfig",
+    "count_parameters",
+    "create_denoiser",
+    "create_diffusion",
+    "ddim_timesteps",
+    "denoising_loss",
+    "from_image",
+    "padded_shape",
+    "scale_loss",
+    "to_image",
+]

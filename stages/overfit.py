@@ -1,0 +1,317 @@
+"""Stage one: per-sample overfitting of one layer, vectorized per block, distributed on Dask.
+
+Every sample of both splits is finetuned alone (Adam on the layer's weight, bias untouched,
+the base model frozen in eval mode); its conditioning signals and weight change go to the Zarr
+record store (pipeline/store.py). Blocks of samples are the unit of work, of Dask scheduling and
+of storage (one chunk each), so a killed run resumes at the first unfinished block.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..pipeline.cache import dir_size
+from ..pipeline.cluster import ClusterConfig, open_executor
+from ..pipeline.config import OverfitConfig, key_fields
+from ..pipeline.context import Context, StageResult
+from ..pipeline.data import split_arrays
+from ..pipeline.errors import OcdError
+from ..pipeline.finetune import AdamSettings, PerSampleFinetuner, describe_layer
+from ..pipeline.fingerprint import SCHEMA_VERSION, cache_key
+from ..pipeline.store import RECORD_FIELDS, SPLITS, FieldSpec, RecordStore, block_checksum
+from ..tasks import Task, get_task
+from .base import WEIGHTS, load_base_model
+
+STAGE = "overfit"
+STORE_NAME = "store.zarr"
+STAT_FIELDS = ("delta", "act_in", "act_out", "output")
+
+
+def adam_settings(cfg: OverfitConfig) -> AdamSettings:
+    return AdamSettings(steps=cfg.steps, lr=cfg.lr)
+
+
+def overfit_key(ctx: Context, base: StageResult, cfg: OverfitConfig, layer: str) -> str:
+    """Key of a store: the base model's key, the layer and the finetuning config."""
+    return cache_key(
+        STAGE, task=ctx.task.name, task_version=ctx.task.version, base=base.key, layer=layer, config=key_fields(cfg)
+    )
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """One unit of work, sent to a Dask worker: everything it needs to rebuild its state."""
+
+    task_spec: str
+    cache_root: str
+    weights: str
+    layer: str
+    settings: AdamSettings
+    store_url: str
+    split: str
+    block: int
+    threads: int
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    split: str
+    block: int
+    samples: int
+    seconds: float
+    checksum: int
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_state(task_spec: str, cache_root: str, weights: str, layer: str, device: str):
+    """Per-process state, built once per worker: task, data, base model and finetuner."""
+    from ..pipeline.cache import Cache
+
+    ctx = Context(task_spec, Cache(cache_root))
+    task = ctx.task
+    arrays = {split: split_arrays(ctx.splits[split]) for split in SPLITS}
+    from ..pipeline.weights import load_weights
+
+    model = load_weights(task.build_model(), Path(weights), device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return task, arrays, PerSampleFinetuner(model, layer)
+
+
+def loss_in_float64(loss: Any, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """`loss` on float64 copies of the output (and of floating-point labels)."""
+    return loss(output.double(), label.double() if label.is_floating_point() else label)
+
+
+def compute_records(
+    task: Task, finetuner: PerSampleFinetuner, inputs: torch.Tensor, labels: torch.Tensor, settings: AdamSettings
+) -> dict[str, np.ndarray]:
+    """The store's records for a batch of samples.
+
+    The loss is evaluated in float64 so that the recorded before/after losses of samples the base
+    model already fits (cross-entropy below float32's resolution) still tell which is smaller.
+    """
+    result = finetuner(inputs, labels, functools.partial(loss_in_float64, task.loss), settings)
+    with torch.no_grad():
+        act_in = task.summarize_activation(result.act_in)
+        act_out = task.summarize_activation(result.act_out)
+    values = {
+        "input": inputs,
+        "label": labels,
+        "act_in": act_in,
+        "act_out": act_out,
+        "output": result.output,
+        "delta": result.delta,
+        "loss_before": result.loss_before,
+        "loss_after": result.loss_after,
+    }
+    return {name: values[name].detach().cpu().numpy() for name in RECORD_FIELDS}
+
+
+def run_block(job: BlockJob) -> BlockReport:
+    """Finetune one block of samples and write it to the store (runs on a worker)."""
+    start_time = time.perf_counter()
+    torch.set_num_threads(job.threads)
+    task, arrays, finetuner = _worker_state(job.task_spec, job.cache_root, job.weights, job.layer, job.device)
+    store = RecordStore.open(job.store_url, mode="r+")
+    start, stop = store.blocks(job.split)[job.block]
+    inputs, labels = (a[start:stop].to(job.device) for a in arrays[job.split])
+    records = compute_records(task, finetuner, inputs, labels, job.settings)
+    checksum = store.write_block(job.split, job.block, records)
+    return BlockReport(job.split, job.block, stop - start, time.perf_counter() - start_time, checksum)
+
+
+def _field_specs(records: dict[str, np.ndarray]) -> dict[str, FieldSpec]:
+    specs = {}
+    for name, values in records.items():
+        dtype = "int64" if np.issubdtype(values.dtype, np.integer) else "float32"
+        specs[name] = FieldSpec(tuple(values.shape[1:]), dtype)
+    return specs
+
+
+def _provenance(ctx: Context, base: StageResult, cfg: OverfitConfig, layer: str, key: str, sizes) -> dict[str, Any]:
+    from .. import __version__
+
+    model = ctx.task.build_model()
+    info = describe_layer(model, layer)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "key": key,
+        "task": ctx.task.name,
+        "task_version": ctx.task.version,
+        "base_key": base.key,
+        "layer": layer,
+        "layer_kind": info.kind,
+        "weight_shape": list(info.weight_shape),
+        "matrix_shape": list(info.matrix_shape),
+        "optimizer": {"name": "adam", **vars(adam_settings(cfg))},
+        "config": key_fields(cfg),
+        "data_fingerprint": ctx.data_fingerprint,
+        "sizes": sizes,
+        "seed": None,
+        "activation_summary": getattr(ctx.task.summarize_activation, "__name__", "custom"),
+        "ocd_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def summarize_store(store: RecordStore) -> dict[str, Any]:
+    """Per-array statistics and loss summaries, checking every block's checksum on the way."""
+    stats: dict[str, Any] = {}
+    for split in SPLITS:
+        sums = {name: np.zeros(2) for name in STAT_FIELDS}
+        count = {name: 0 for name in STAT_FIELDS}
+        before, after = [], []
+        checksums = store.read(split, "checksum")
+        for block in range(len(store.blocks(split))):
+            records = store.read_block(split, block)
+            if block_checksum(records) != int(checksums[block]):
+                raise OcdError(f"store {store.url}: block {block} of {split} fails its checksum")
+            for name in STAT_FIELDS:
+                values = records[name].astype(np.float64)
+                sums[name] += (values.sum(), (values**2).sum())
+                count[name] += values.size
+            before.append(records["loss_before"])
+            after.append(records["loss_after"])
+        loss_before, loss_after = np.concatenate(before), np.concatenate(after)
+        split_stats = {}
+        for name in STAT_FIELDS:
+            mean = sums[name][0] / count[name]
+            split_stats[name] = {"mean": mean, "std": math.sqrt(max(sums[name][1] / count[name] - mean**2, 0.0))}
+        split_stats["loss_before"] = float(loss_before.mean())
+        split_stats["loss_after"] = float(loss_after.mean())
+        split_stats["improved_fraction"] = float((loss_after < loss_before).mean())
+        stats[split] = split_stats
+    return stats
+
+
+def run_overfit(
+    ctx: Context,
+    base: StageResult,
+    cfg: OverfitConfig,
+    cluster: ClusterConfig,
+    force: bool = False,
+) -> StageResult:
+    """Build (or fetch, or finish) the record store for the task's base model."""
+    layer = cfg.layer or ctx.task.layer
+    try:
+        describe_layer(ctx.task.build_model(), layer)
+    except ValueError as exc:
+        raise OcdError(f"task {ctx.task.name}: {exc}") from None
+    cfg = replace(cfg, layer=layer)
+    key = overfit_key(ctx, base, cfg, layer)
+    entry = None if force else ctx.cache.lookup(STAGE, key)
+    if entry is not None:
+        return _result(entry.path, key, cached=True, meta=entry.meta)
+    with ctx.cache.lock(STAGE, key):
+        partial = ctx.cache.begin(STAGE, key, fresh=force)
+        url = str((partial / STORE_NAME).resolve())
+        store = _open_or_create(ctx, base, cfg, layer, key, url)
+        job_template = BlockJob(
+            task_spec=_portable_task_spec(ctx.task_spec),
+            cache_root=str(ctx.cache.root.resolve()),
+            weights=str((base.path / WEIGHTS).resolve()),
+            layer=layer,
+            settings=adam_settings(cfg),
+            store_url=url,
+            split="",
+            block=-1,
+            threads=cluster.threads_per_worker if cluster.resolved_workers() else torch.get_num_threads(),
+            device=str(ctx.device),
+        )
+        jobs = [replace(job_template, split=s, block=b) for s in SPLITS for b in store.missing_blocks(s)]
+        computed, seconds = _execute(ctx, jobs, cluster, key)
+        stats = summarize_store(store)
+        store.finalize({"stats": stats})
+        meta = {
+            "task": ctx.task.name,
+            "base_key": base.key,
+            "layer": layer,
+            "config": key_fields(cfg),
+            "samples": {s: store.size(s) for s in SPLITS},
+            "computed_samples": computed,
+            "seconds": round(seconds, 3),
+            "stats": stats,
+        }
+        entry = ctx.cache.publish(STAGE, key, meta)
+    return _result(entry.path, key, cached=False, meta=entry.meta)
+
+
+def _portable_task_spec(spec: str) -> str:
+    """Task files are sent to workers with absolute paths."""
+    if ".py:" in spec:
+        path, _, func = spec.rpartition(":")
+        return f"{Path(path).resolve()}:{func}"
+    return spec
+
+
+def _open_or_create(ctx: Context, base: StageResult, cfg: OverfitConfig, layer: str, key: str, url: str):
+    if Path(url).exists():
+        store = RecordStore.open(url, mode="r+")
+        if store.attrs.get("key") != key:
+            raise OcdError(f"{url} belongs to another run (key {store.attrs.get('key')}, expected {key})")
+        done = sum(int(store.done_mask(s).sum()) for s in SPLITS)
+        if done:
+            ctx.say(f"resuming store {key}: {done} finished blocks kept")
+        return store
+    model = load_base_model(ctx, base)
+    task = ctx.task
+    inputs, labels = split_arrays(ctx.splits["train"])
+    finetuner = PerSampleFinetuner(model, layer)
+    probe = compute_records(task, finetuner, inputs[:2].to(ctx.device), labels[:2].to(ctx.device), adam_settings(cfg))
+    sizes = {s: len(ctx.splits[s]) for s in SPLITS}
+    provenance = _provenance(ctx, base, cfg, layer, key, sizes)
+    return RecordStore.create(url, sizes, _field_specs(probe), cfg.block_size, cfg.codec, provenance)
+
+
+def _execute(ctx: Context, jobs: list[BlockJob], cluster: ClusterConfig, key: str) -> tuple[int, float]:
+    """Run the jobs with a progress bar; returns (samples computed, seconds)."""
+    if not jobs:
+        return 0, 0.0
+    computed = 0
+    with open_executor(cluster) as executor:
+        if executor.dashboard_link:
+            ctx.say(f"Dask dashboard: {executor.dashboard_link}")
+        start = time.perf_counter()
+        with ctx.progress() as progress:
+            bar = progress.add_task("overfit blocks", total=len(jobs), info="")
+            names = [f"overfit-{key}-{job.split}-{job.block}" for job in jobs]
+            for report in executor.map_unordered(run_block, jobs, names):
+                computed += report.samples
+                rate = computed / max(time.perf_counter() - start, 1e-9)
+                progress.update(bar, advance=1, info=f"{rate:,.0f} samples/s")
+        seconds = time.perf_counter() - start
+    return computed, seconds
+
+
+def _result(path: Path, key: str, cached: bool, meta: dict[str, Any]) -> StageResult:
+    stats = meta["stats"]
+    samples = sum(meta["samples"].values())
+    seconds = meta.get("seconds") or 0.0
+    summary = {
+        "samples": samples,
+        "layer": meta["layer"],
+        "samples_per_s": round(meta["computed_samples"] / seconds, 1) if seconds else None,
+        "store_bytes": dir_size(path / STORE_NAME),
+        "store": str(path / STORE_NAME),
+    }
+    metrics = {
+        split: {k: stats[split][k] for k in ("loss_before", "loss_after", "improved_fraction")}
+        for split in SPLITS
+    }
+    return StageResult(STAGE, key, path, cached, metrics, summary)
+
+
+def open_store(result: StageResult) -> RecordStore:
+    return RecordStore.open(str(result.path / STORE_NAME))
+
+
+__all__ = ["ClusterConfig", "get_task", "open_store", "run_block", "run_overfit"]
