@@ -140,6 +140,129 @@ def overfit_command(
     emit(result, as_json)
 
 
+ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Denoiser profile: quick, paper or tiny.")]
+EnsembleOpt = Annotated[int | None, typer.Option("--ensemble", help="OCD ensemble size K.")]
+DdimStepsOpt = Annotated[int | None, typer.Option("--steps", help="DDIM sampling steps.")]
+
+
+@app.command("train")
+def train_command(
+    task: TaskOpt = "mnist",
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = Path("data"),
+    device: DeviceOpt = "cpu",
+    profile: ProfileOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the store's train split.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Minibatch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Denoiser learning rate.")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    workers: WorkersOpt = None,
+    threads_per_worker: ThreadsOpt = 1,
+    scheduler: SchedulerOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Stage two: train the conditional diffusion model on the record store (streamed)."""
+    from .pipeline.report import emit
+
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr)):
+        _positive(name, value)
+    ctx = _context(task, cache_dir, device, no_progress)
+    overrides = {"profile": profile, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                 "num_workers": num_workers, "seed": seed}
+    cfgs = _configs(ctx, config, train=overrides)
+    ctx.cache.ensure_writable()
+    emit(_stage_train(ctx, cfgs, _cluster(workers, threads_per_worker, scheduler), force)[1], as_json)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    task: TaskOpt = "mnist",
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = Path("data"),
+    device: DeviceOpt = "cpu",
+    profile: ProfileOpt = None,
+    ensemble: EnsembleOpt = None,
+    steps: DdimStepsOpt = None,
+    eta: Annotated[float | None, typer.Option(help="DDIM eta (0 = deterministic).")] = None,
+    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for intervals.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Noise and bootstrap seed.")] = None,
+    workers: WorkersOpt = None,
+    threads_per_worker: ThreadsOpt = 1,
+    scheduler: SchedulerOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Evaluate base, OCD, OCD ensemble, oracle and ablations on the test split."""
+    for name, value in (("--ensemble", ensemble), ("--steps", steps), ("--bootstrap", bootstrap)):
+        _positive(name, value)
+    ctx = _context(task, cache_dir, device, no_progress)
+    overrides = {"ensemble": ensemble, "steps": steps, "eta": eta, "bootstrap": bootstrap, "seed": seed}
+    cfgs = _configs(ctx, config, train={"profile": profile}, evaluate=overrides)
+    ctx.cache.ensure_writable()
+    result = _stage_evaluate(ctx, cfgs, _cluster(workers, threads_per_worker, scheduler), force)
+    _emit_evaluation(ctx, result, as_json)
+
+
+@app.command("run")
+def run_command(
+    task: TaskOpt = "mnist",
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = Path("data"),
+    device: DeviceOpt = "cpu",
+    profile: ProfileOpt = None,
+    ensemble: EnsembleOpt = None,
+    workers: WorkersOpt = None,
+    threads_per_worker: ThreadsOpt = 1,
+    scheduler: SchedulerOpt = None,
+    as_json: JsonOpt = False,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Every stage on a task (base, overfit, train, evaluate), each only if its cache is missing."""
+    _positive("--ensemble", ensemble)
+    ctx = _context(task, cache_dir, device, no_progress)
+    cfgs = _configs(ctx, config, train={"profile": profile}, evaluate={"ensemble": ensemble})
+    ctx.cache.ensure_writable()
+    result = _stage_evaluate(ctx, cfgs, _cluster(workers, threads_per_worker, scheduler))
+    _emit_evaluation(ctx, result, as_json)
+
+
+def _emit_evaluation(ctx, result, as_json: bool) -> None:
+    from .pipeline.report import emit, evaluation_table
+
+    if as_json:
+        emit(result, True)
+        return
+    evaluation_table(result)
+    ctx.say(f"report: {result.summary['report']}")
+    ctx.say(f"plots:  {', '.join(result.summary['plots'])}")
+
+
+def _stage_train(ctx, cfgs, cluster, force: bool = False):
+    from .stages.train import run_train
+
+    overfit = _stage_overfit(ctx, cfgs, cluster)
+    result = run_train(ctx, overfit, cfgs["train"], force=force)
+    if result.cached:
+        ctx.say(f"[green]cache hit[/green]: diffusion model {result.key}")
+    return overfit, result
+
+
+def _stage_evaluate(ctx, cfgs, cluster, force: bool = False):
+    from .stages.base import run_base
+    from .stages.evaluate import run_evaluate
+
+    overfit, train = _stage_train(ctx, cfgs, cluster)
+    base = run_base(ctx, cfgs["base"])
+    result = run_evaluate(ctx, base, overfit, train, cfgs["evaluate"], force=force)
+    if result.cached:
+        ctx.say(f"[green]cache hit[/green]: evaluation {result.key}")
+    return result
+
+
 def _cluster(workers, threads_per_worker, scheduler):
     from .pipeline.cluster import ClusterConfig
 

@@ -13,8 +13,10 @@ equal to the loop up to float rounding:
 - The frozen prefix (everything the layer input depends on) runs once. With torch.fx the model is
   traced and only the nodes downstream of the layer are re-evaluated at each step, values they use
   from elsewhere (skip connections) being cached. If tracing fails (e.g. data-dependent Python
-  control flow) or the layer is not one traced call, a forward hook that replaces the layer's
-  output runs the whole network instead: same results, slower.
+  control flow), the layer is not one traced call, or an op after the layer changes in place a
+  value that does not depend on it, a forward hook that replaces the layer's output runs the whole
+  network at every step instead: same results, slower. The fx path trusts the traced graph: a
+  forward with side effects or randomness fx cannot see needs ``trace=False``.
 - Autograd only goes from the loss to ``z``; the weight gradient is ``g_b X_b^T`` and Adam is written
   by hand with ``torch.optim.Adam``'s formula. Per-sample gradients are exact because the model is
   in eval mode (samples are independent) and the total loss is the sum of per-sample losses.
@@ -32,6 +34,7 @@ import contextlib
 import copy
 import functools
 import math
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -210,15 +213,44 @@ class _Root(nn.Module):
         return self.m(x)
 
 
+_INPLACE_OPERATORS = frozenset(
+    getattr(operator, name)
+    for name in "iadd iand iconcat ifloordiv ilshift imatmul imod imul ior ipow irshift isub itruediv ixor".split()
+) | {operator.setitem, operator.delitem}
+
+
+def _mutated(root: nn.Module, n: fx.Node) -> list[fx.Node]:
+    """The input nodes that ``n`` changes in place (in-place ops, ``inplace=True``, ``out=``)."""
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    if n.op == "call_module":
+        inplace = getattr(root.get_submodule(n.target), "inplace", False) is True
+    elif n.op in ("call_method", "call_function"):
+        inplace = n.target in _INPLACE_OPERATORS or n.kwargs.get("inplace") is True
+        inplace = inplace or (name.endswith("_") and not name.startswith("_"))
+    else:
+        inplace = False
+    found = [n.args[0]] if inplace and n.args else []
+    return [m for m in [*found, n.kwargs.get("out")] if isinstance(m, fx.Node)]
+
+
 class _FxPlan:
-    """The traced model split at the layer: a prefix run once, a suffix run at every step."""
+    """The traced model split at the layer: a prefix run once, a suffix run at every step.
+
+    The prefix runs every node that does not depend on the layer (also those after it in the graph),
+    so ``safe`` is False when a node after the layer changes such a value in place: fx graphs do not
+    order in-place ops against readers, and that reordering would change what they read.
+    """
 
     def __init__(self, root: _Root, graph: fx.Graph, node: fx.Node):
         self.root, self.node = root, node
-        downstream = {node}
+        downstream, after = {node}, False
+        self.safe = True
         for n in graph.nodes:
             if n.op == "output" or any(p in downstream for p in n.all_input_nodes):
                 downstream.add(n)
+            if after and any(m not in downstream for m in _mutated(root, n)):
+                self.safe = False
+            after = after or n is node
         self.prefix = [n for n in graph.nodes if n not in downstream]
         self.suffix = [n for n in graph.nodes if n in downstream and n is not node]
         self.cached = {p for n in self.suffix for p in n.all_input_nodes if p not in downstream}
@@ -237,7 +269,8 @@ class _FxPlan:
             return None
         if not isinstance(nodes[0].args[0], fx.Node):
             return None
-        return cls(root, graph, nodes[0])
+        plan = cls(root, graph, nodes[0])
+        return plan if plan.safe else None
 
     def _eval(self, n: fx.Node, env: dict[fx.Node, object], x: Tensor) -> object:
         args = fx.node.map_arg(n.args, env.__getitem__)
@@ -264,9 +297,7 @@ class _FxPlan:
         cache = {n: env[n] for n in self.cached}
 
         def suffix(z: Tensor) -> Tensor:
-            # fresh copies: an in-place op of the suffix must not change the cache for the next step
-            env = {n: v.clone() if isinstance(v, Tensor) else v for n, v in cache.items()}
-            env[self.node] = z
+            env = {**cache, self.node: z}
             for n in self.suffix:
                 env[n] = self._eval(n, env, x)
             return env[self.suffix[-1]]

@@ -50,3 +50,21 @@ def emit(result: StageResult, as_json: bool, console: Console | None = None) -> 
         if value is not None and not isinstance(value, (list, tuple)):
             table.add_row(name, _fmt(value))
     console.print(table)
+
+
+def evaluation_table(result: StageResult, console: Console | None = None) -> None:
+    """Methods as rows, metrics as columns, and the paired loss change against the base."""
+    console = console or Console()
+    metrics = result.metrics
+    names = list(next(iter(metrics.values())))
+    table = Table(title=f"ocd evaluate ({result.key}{', cached' if result.cached else ''})")
+    table.add_column("method", style="bold")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("loss vs base [95% CI]", justify="right")
+    paired = result.summary.get("paired_vs_base", {})
+    for method, values in metrics.items():
+        diff = paired.get(method, {}).get("loss")
+        cell = "" if diff is None else f"{diff['mean']:+.4f} [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}]"
+        table.add_row(method, *(_fmt(values[n]) for n in names), cell)
+    console.print(table)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..pipeline.cache import dir_size
-from ..pipeline.cluster import ClusterConfig, open_executor
+from ..pipeline.cluster import ClusterConfig, Executor, open_executor
 from ..pipeline.config import OverfitConfig, key_fields
 from ..pipeline.context import Context, StageResult
 from ..pipeline.data import split_arrays
@@ -211,7 +211,7 @@ def run_overfit(
     entry = None if force else ctx.cache.lookup(STAGE, key)
     if entry is not None:
         return _result(entry.path, key, cached=True, meta=entry.meta)
-    with ctx.cache.lock(STAGE, key):
+    with ctx.cache.lock(STAGE, key), open_executor(cluster) as executor:
         partial = ctx.cache.begin(STAGE, key, fresh=force)
         url = str((partial / STORE_NAME).resolve())
         store = _open_or_create(ctx, base, cfg, layer, key, url)
@@ -224,11 +224,11 @@ def run_overfit(
             store_url=url,
             split="",
             block=-1,
-            threads=cluster.threads_per_worker if cluster.resolved_workers() else torch.get_num_threads(),
+            threads=cluster.threads_per_worker if executor.client is not None else torch.get_num_threads(),
             device=str(ctx.device),
         )
         jobs = [replace(job_template, split=s, block=b) for s in SPLITS for b in store.missing_blocks(s)]
-        computed, seconds = _execute(ctx, jobs, cluster, key)
+        computed, seconds = _execute(ctx, executor, jobs, key)
         stats = summarize_store(store)
         store.finalize({"stats": stats})
         meta = {
@@ -272,24 +272,22 @@ def _open_or_create(ctx: Context, base: StageResult, cfg: OverfitConfig, layer: 
     return RecordStore.create(url, sizes, _field_specs(probe), cfg.block_size, cfg.codec, provenance)
 
 
-def _execute(ctx: Context, jobs: list[BlockJob], cluster: ClusterConfig, key: str) -> tuple[int, float]:
+def _execute(ctx: Context, executor: Executor, jobs: list[BlockJob], key: str) -> tuple[int, float]:
     """Run the jobs with a progress bar; returns (samples computed, seconds)."""
     if not jobs:
         return 0, 0.0
+    if executor.dashboard_link:
+        ctx.say(f"Dask dashboard: {executor.dashboard_link}")
     computed = 0
-    with open_executor(cluster) as executor:
-        if executor.dashboard_link:
-            ctx.say(f"Dask dashboard: {executor.dashboard_link}")
-        start = time.perf_counter()
-        with ctx.progress() as progress:
-            bar = progress.add_task("overfit blocks", total=len(jobs), info="")
-            names = [f"overfit-{key}-{job.split}-{job.block}" for job in jobs]
-            for report in executor.map_unordered(run_block, jobs, names):
-                computed += report.samples
-                rate = computed / max(time.perf_counter() - start, 1e-9)
-                progress.update(bar, advance=1, info=f"{rate:,.0f} samples/s")
-        seconds = time.perf_counter() - start
-    return computed, seconds
+    start = time.perf_counter()
+    with ctx.progress() as progress:
+        bar = progress.add_task("overfit blocks", total=len(jobs), info="")
+        names = [f"overfit-{key}-{job.split}-{job.block}" for job in jobs]
+        for report in executor.map_unordered(run_block, jobs, names):
+            computed += report.samples
+            rate = computed / max(time.perf_counter() - start, 1e-9)
+            progress.update(bar, advance=1, info=f"{rate:,.0f} samples/s")
+    return computed, time.perf_counter() - start
 
 
 def _result(path: Path, key: str, cached: bool, meta: dict[str, Any]) -> StageResult:

@@ -19,6 +19,8 @@ DEFAULT_TASK = "mnist"
 REGISTRY: dict[str, str] = {
     "mnist": "ocd.tasks.mnist:mnist_task",
     "digits": "ocd.tasks.digits:digits_task",
+    "tabular-regression": "ocd.tasks.tabular:tabular_regression_task",
+    "tabular-classification": "ocd.tasks.tabular:tabular_classification_task",
 }
 
 
