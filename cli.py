@@ -23,9 +23,8 @@ app = typer.Typer(
 )
 
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task name (see `ocd tasks`) or path/to/file.py:function.")]
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="TOML file with \\[base], \\[overfit], \\[train], \\[evaluate] tables.")
-]
+CONFIG_HELP = "TOML file with \\[select], \\[base], \\[overfit], \\[train], \\[evaluate] tables."
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP)]
 CacheOpt = Annotated[Path, typer.Option("--cache-dir", help="Cache root.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, mps or auto.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")]
@@ -263,6 +262,183 @@ def _stage_evaluate(ctx, cfgs, cluster, force: bool = False):
     return result
 
 
+store_app = typer.Typer(help="Record stores: verify, export, import.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("verify")
+def store_verify_command(
+    path: Annotated[str, typer.Argument(help="Path or fsspec URL of a store.zarr.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a store's schema, done mask, block checksums and values; names the bad block."""
+    import json
+
+    from .pipeline.store import RecordStore
+    from .pipeline.verify import verify_store
+
+    store = RecordStore.open(path)
+    problems = verify_store(store, check_values=True)
+    if as_json:
+        print(json.dumps({"path": path, "ok": not problems, "problems": problems}))
+    elif problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+    else:
+        sizes = ", ".join(f"{split} {store.size(split):,}" for split in ("train", "test"))
+        print(f"ok: {path} ({store.attrs.get('task')}, layer {store.attrs.get('layer')}, {sizes} samples)")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command("select-layer")
+def select_layer_command(
+    task: TaskOpt = "mnist",
+    config: ConfigOpt = None,
+    cache_dir: CacheOpt = Path("data"),
+    device: DeviceOpt = "cpu",
+    draws: Annotated[int | None, typer.Option(help="Perturbation draws per layer (paper: ~10,000).")] = None,
+    scale: Annotated[float | None, typer.Option(help="Noise std relative to the std of the layer's weight.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Training samples in the loss.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the draws and of the sample choice.")] = None,
+    as_json: JsonOpt = False,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Rank the base model's Linear/Conv2d layers by the entropy of the training loss under weight noise."""
+    import json
+
+    from rich.console import Console
+
+    from .stages.select_layer import ranking_json, ranking_table, select_layer
+
+    for name, value in (("--draws", draws), ("--scale", scale), ("--samples", samples)):
+        _positive(name, value)
+    ctx = _context(task, cache_dir, device, no_progress)
+    cfgs = _configs(ctx, config, select={"draws": draws, "scale": scale, "samples": samples, "seed": seed})
+    ctx.cache.ensure_writable()
+    base = _stage_base(ctx, cfgs)
+    scores = select_layer(ctx, base, cfgs["select"])
+    if as_json:
+        print(json.dumps(ranking_json(scores, cfgs["select"], default_layer=ctx.task.layer)))
+    else:
+        Console().print(ranking_table(scores, default_layer=ctx.task.layer))
+
+
+@store_app.command("export")
+def store_export_command(
+    store: Annotated[str, typer.Argument(help="Store: overfit key, unique key prefix or path.")],
+    dest: Annotated[Path, typer.Argument(help="Package directory to create.")],
+    zip_store: Annotated[bool, typer.Option("--zip", help="Pack the store as one zip file.")] = False,
+    cache_dir: CacheOpt = Path("data"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Package a store with its base model, dataset card and checksum manifest for a collaborator."""
+    import json
+
+    from .pipeline.cache import Cache, dir_size
+    from .pipeline.share import export_store
+
+    path = export_store(Cache(cache_dir), store, dest, zip=zip_store)
+    if as_json:
+        print(json.dumps({"path": str(path), "bytes": dir_size(path)}))
+    else:
+        print(f"exported {path} ({dir_size(path):,} bytes)")
+
+
+@store_app.command("import")
+def store_import_command(
+    src: Annotated[Path, typer.Argument(help="Package directory made by `ocd store export`.")],
+    cache_dir: CacheOpt = Path("data"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a package (checksums, schema, store) and register it in the cache."""
+    import json
+
+    from .pipeline.cache import Cache
+    from .pipeline.share import import_store
+
+    cache = Cache(cache_dir)
+    cache.ensure_writable()
+    result = import_store(src, cache)
+    overfit_key, base_key = result
+    if as_json:
+        print(json.dumps({"overfit_key": overfit_key, "base_key": base_key, "already": result.already}))
+    else:
+        print(result.message)
+
+
+@store_app.command("parquet")
+def store_parquet_command(
+    store: Annotated[str, typer.Argument(help="Store: overfit key, prefix, path, .zip or fsspec URL.")],
+    dest: Annotated[Path, typer.Argument(help="Directory for train.parquet and test.parquet.")],
+    cache_dir: CacheOpt = Path("data"),
+) -> None:
+    """Export a store to Parquet (one file per split) for Hugging Face `datasets` users."""
+    from .pipeline.cache import Cache
+    from .pipeline.share import export_parquet, find_store
+
+    source = store if ("://" in store or store.endswith(".zip")) else str(find_store(Cache(cache_dir), store))
+    for path in export_parquet(source, dest):
+        print(path)
+
+
+cache_app = typer.Typer(help="Browse and clean the cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls_command(cache_dir: CacheOpt = Path("data"), as_json: JsonOpt = False) -> None:
+    """List cached entries: stage, key, task, size, created, complete or not."""
+    import dataclasses
+    import json
+
+    from rich.console import Console
+
+    from .pipeline.cache import Cache
+    from .pipeline.share import entries_table, list_entries
+
+    entries = list_entries(Cache(cache_dir))
+    if as_json:
+        print(json.dumps([dataclasses.asdict(e) for e in entries], default=str))
+    else:
+        Console().print(entries_table(entries))
+
+
+@cache_app.command("rm")
+def cache_rm_command(
+    key: Annotated[str, typer.Argument(help="Key, unique key prefix, or stage/key.")],
+    cache_dir: CacheOpt = Path("data"),
+) -> None:
+    """Remove one cache entry."""
+    from .pipeline.cache import Cache
+    from .pipeline.share import remove_entry
+
+    for entry in remove_entry(Cache(cache_dir), key):
+        print(f"removed {entry.stage}/{entry.key} ({entry.path})")
+
+
+@cache_app.command("gc")
+def cache_gc_command(
+    cache_dir: CacheOpt = Path("data"),
+    yes: Annotated[bool, typer.Option("--yes", help="Delete without asking.")] = False,
+) -> None:
+    """Remove unfinished entries (including resumable partial stores), stale locks and orphans."""
+    from .pipeline.cache import Cache
+    from .pipeline.share import garbage, remove_garbage
+
+    cache = Cache(cache_dir)
+    paths = garbage(cache)
+    if not paths:
+        print("nothing to collect")
+        return
+    for path in paths:
+        print(path)
+    if not yes and not typer.confirm(f"delete these {len(paths)} paths (partial stores lose their progress)?"):
+        raise typer.Exit(1)
+    remove_garbage(cache, paths)
+    print(f"removed {len(paths)} paths")
+
+
 def _cluster(workers, threads_per_worker, scheduler):
     from .pipeline.cluster import ClusterConfig
 
@@ -279,10 +455,15 @@ def _stage_base(ctx, cfgs, force: bool = False):
 
 
 def _stage_overfit(ctx, cfgs, cluster, force: bool = False):
-    from .stages.overfit import run_overfit
+    import dataclasses
 
+    from .stages.overfit import run_overfit, validate_overfit_config
+    from .stages.select_layer import resolve_layer
+
+    validate_overfit_config(ctx, cfgs["overfit"])
     base = _stage_base(ctx, cfgs)
-    result = run_overfit(ctx, base, cfgs["overfit"], cluster, force=force)
+    layer = resolve_layer(ctx, base, cfgs["overfit"].layer, cfgs["select"])
+    result = run_overfit(ctx, base, dataclasses.replace(cfgs["overfit"], layer=layer), cluster, force=force)
     if result.cached:
         ctx.say(f"[green]cache hit[/green]: record store {result.key}")
     return result

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from .conditioning import ConditionEmbedding, ConditionNormalizer
 from .ddim import DDIMSampler, ddim_timesteps
 from .ema import EMA
-from .scale_model import ScaleModel, scale_loss
+from .scale_model import ScaleModel, log_scale_loss, scale_loss
 from .schedule import NoiseSchedule, ScheduleConfig, denoising_loss
 from .unet import UNet, UNetConfig, count_parameters, from_image, padded_shape, to_image
 
@@ -108,6 +108,7 @@ __all__ = [
     "ddim_timesteps",
     "denoising_loss",
     "from_image",
+    "log_scale_loss",
     "padded_shape",
     "scale_loss",
     "to_image",

@@ -58,6 +58,19 @@ def scale_loss(rho_hat: Tensor, rho: Tensor, eps: float = 1e-8) -> Tensor:
     The relative squared error on a decibel scale: 0 dB means a 100% error, -20 dB a 10% error,
     and the floor ``eps`` caps it at -80 dB. Being logarithmic, every sample's relative error counts
     alike whatever its magnitude.
+
+    A good metric, a hard training loss: its gradient grows like 1/error, so a minibatch's gradient is
+    dominated by whichever samples happen to be nearly exact. In this package's tests a freshly
+    initialised ScaleModel trained on it with batch 128 did not improve in 400 Adam steps (full-batch
+    training did); :func:`log_scale_loss` trained the same model from -5 dB to about -39 dB.
     """
     rel = (rho_hat - rho) ** 2 / rho**2
     return (10.0 / math.log(10.0) * torch.log(rel + eps)).mean()
+
+
+def log_scale_loss(log_rho_hat: Tensor, rho: Tensor) -> Tensor:
+    """Mean squared error of log rho: a well-conditioned training loss for :meth:`ScaleModel.log_scale`.
+
+    For small errors ``scale_loss`` ~= 10*log10(this per sample), so minimising it also lowers the paper's loss.
+    """
+    return (log_rho_hat - rho.log()).pow(2).mean()

@@ -1,8 +1,8 @@
 """The forward (noising) process of a DDPM with linear betas, and its epsilon-prediction loss."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.nn import functional as F

@@ -33,6 +33,7 @@ class UNetConfig:
     norm_groups: int = 32  #: GroupNorm groups, reduced to gcd(norm_groups, width) where needed
     temb_mult: int = 4  #: timestep/conditioning embedding width = temb_mult * channels
     in_channels: int = 1  #: image channels (a weight matrix: 1)
+    coord_channels: bool = False  #: append row/column coordinates in [-1, 1] as two extra input channels
     cond_dims: Mapping[str, int] = field(default_factory=dict)  #: signal name -> width; empty = unconditional
 
     def __post_init__(self) -> None:
@@ -63,7 +64,7 @@ def padded_shape(
     m = 2**levels
     targets = (pad_to, pad_to) if isinstance(pad_to, int) else (pad_to or (0, 0))
     out = []
-    for dim, target in zip(weight_shape, targets):
+    for dim, target in zip(weight_shape, targets, strict=True):
         if target and (target % m or target < dim):
             raise ValueError(f"pad_to {pad_to} must be >= {tuple(weight_shape)} and divisible by {m}")
         out.append(max(-(-dim // m) * m, target))
@@ -92,6 +93,15 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, dim % 2))
+
+
+def coordinate_grid(x: Tensor) -> Tensor:
+    """(B, 2, H, W) row and column coordinates in [-1, 1], on ``x``'s device and dtype."""
+    b, _, h, w = x.shape
+    rows = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+    cols = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))
+    return grid.expand(b, 2, h, w)
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -167,7 +177,7 @@ class UNet(nn.Module):
         emb, g = c.temb_dim, c.norm_groups
         self.time_embed = nn.Sequential(nn.Linear(c.channels, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.cond_embed = ConditionEmbedding(c.cond_dims, emb) if c.cond_dims else None
-        self.conv_in = nn.Conv2d(c.in_channels, c.channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels + 2 * c.coord_channels, c.channels, 3, padding=1)
 
         widths = [c.channels * m for m in c.channel_mult]
         skips, cur = [c.channels], c.channels
@@ -235,10 +245,12 @@ class UNet(nn.Module):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         emb = self.embed(t, cond)
+        if self.config.coord_channels:
+            x = torch.cat([x, coordinate_grid(x)], dim=1)
         h = self.conv_in(x)
         hs = [h]
         for stage in self.down:
-            for block, attn in zip(stage.blocks, stage.attns):
+            for block, attn in zip(stage.blocks, stage.attns, strict=True):
                 h = attn(block(h, emb))
                 hs.append(h)
             if not isinstance(stage.resample, nn.Identity):
@@ -246,7 +258,7 @@ class UNet(nn.Module):
                 hs.append(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
         for stage in self.up:
-            for block, attn in zip(stage.blocks, stage.attns):
+            for block, attn in zip(stage.blocks, stage.attns, strict=True):
                 h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
             h = stage.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import tomllib
 
 from .errors import OcdError
+from .layer_selection import LayerSelectionConfig
 
 T = TypeVar("T")
 
@@ -42,7 +43,7 @@ class OverfitConfig:
 
     steps: int = 3  #: Adam steps on each single sample (paper, MNIST: 3)
     lr: float = 5e-4  #: Adam learning rate (paper, MNIST: 5e-4)
-    layer: str = ""  #: layer to overfit; empty = the task's default
+    layer: str = ""  #: layer to overfit; empty = the task's default; "auto" = top of `ocd select-layer`
     block_size: int = runtime(256)  #: samples per Dask task and per Zarr chunk
     codec: str = runtime("blosc-lz4")  #: chunk compression: none, blosc-lz4, zstd
 
@@ -76,6 +77,7 @@ class EvaluateConfig:
 
 
 STAGE_CONFIGS: dict[str, type] = {
+    "select": LayerSelectionConfig,
     "base": BaseConfig,
     "overfit": OverfitConfig,
     "train": TrainConfig,

@@ -32,6 +32,9 @@ from .base import WEIGHTS, load_base_model
 STAGE = "overfit"
 STORE_NAME = "store.zarr"
 STAT_FIELDS = ("delta", "act_in", "act_out", "output")
+MICRO_BATCH = 64
+"""Samples finetuned per kernel call. Every call sees exactly this many samples (the last one of a
+block is padded), so a sample's floating-point result does not depend on the block it falls in."""
 
 
 def adam_settings(cfg: OverfitConfig) -> AdamSettings:
@@ -94,38 +97,49 @@ def loss_in_float64(loss: Any, output: torch.Tensor, label: torch.Tensor) -> tor
 def compute_records(
     task: Task, finetuner: PerSampleFinetuner, inputs: torch.Tensor, labels: torch.Tensor, settings: AdamSettings
 ) -> dict[str, np.ndarray]:
-    """The store's records for a batch of samples.
+    """The store's records for a batch of samples, computed in fixed-size micro-batches.
 
     The loss is evaluated in float64 so that the recorded before/after losses of samples the base
     model already fits (cross-entropy below float32's resolution) still tell which is smaller.
     """
-    result = finetuner(inputs, labels, functools.partial(loss_in_float64, task.loss), settings)
-    with torch.no_grad():
-        act_in = task.summarize_activation(result.act_in)
-        act_out = task.summarize_activation(result.act_out)
-    values = {
-        "input": inputs,
-        "label": labels,
-        "act_in": act_in,
-        "act_out": act_out,
-        "output": result.output,
-        "delta": result.delta,
-        "loss_before": result.loss_before,
-        "loss_after": result.loss_after,
-    }
-    return {name: values[name].detach().cpu().numpy() for name in RECORD_FIELDS}
+    loss = functools.partial(loss_in_float64, task.loss)
+    parts = []
+    for start in range(0, len(inputs), MICRO_BATCH):
+        x, y = inputs[start : start + MICRO_BATCH], labels[start : start + MICRO_BATCH]
+        n = len(x)
+        if n < MICRO_BATCH:  # pad with copies of the last sample; they are dropped below
+            x = torch.cat([x, x[-1:].expand(MICRO_BATCH - n, *x.shape[1:])])
+            y = torch.cat([y, y[-1:].expand(MICRO_BATCH - n, *y.shape[1:])])
+        result = finetuner(x, y, loss, settings)
+        with torch.no_grad():
+            values = {
+                "input": x,
+                "label": y,
+                "act_in": task.summarize_activation(result.act_in),
+                "act_out": task.summarize_activation(result.act_out),
+                "output": result.output,
+                "delta": result.delta,
+                "loss_before": result.loss_before,
+                "loss_after": result.loss_after,
+            }
+        parts.append({name: values[name][:n].detach().cpu().numpy() for name in RECORD_FIELDS})
+    return {name: np.concatenate([p[name] for p in parts]) for name in RECORD_FIELDS}
 
 
 def run_block(job: BlockJob) -> BlockReport:
     """Finetune one block of samples and write it to the store (runs on a worker)."""
     start_time = time.perf_counter()
+    threads = torch.get_num_threads()
     torch.set_num_threads(job.threads)
-    task, arrays, finetuner = _worker_state(job.task_spec, job.cache_root, job.weights, job.layer, job.device)
-    store = RecordStore.open(job.store_url, mode="r+")
-    start, stop = store.blocks(job.split)[job.block]
-    inputs, labels = (a[start:stop].to(job.device) for a in arrays[job.split])
-    records = compute_records(task, finetuner, inputs, labels, job.settings)
-    checksum = store.write_block(job.split, job.block, records)
+    try:
+        task, arrays, finetuner = _worker_state(job.task_spec, job.cache_root, job.weights, job.layer, job.device)
+        store = RecordStore.open(job.store_url, mode="r+")
+        start, stop = store.blocks(job.split)[job.block]
+        inputs, labels = (a[start:stop].to(job.device) for a in arrays[job.split])
+        records = compute_records(task, finetuner, inputs, labels, job.settings)
+        checksum = store.write_block(job.split, job.block, records)
+    finally:
+        torch.set_num_threads(threads)
     return BlockReport(job.split, job.block, stop - start, time.perf_counter() - start_time, checksum)
 
 
@@ -193,6 +207,17 @@ def summarize_store(store: RecordStore) -> dict[str, Any]:
     return stats
 
 
+def validate_overfit_config(ctx: Context, cfg: OverfitConfig) -> None:
+    """Reject a bad layer or block size before any work is done."""
+    if cfg.block_size % MICRO_BATCH:
+        raise OcdError(f"block size must be a multiple of {MICRO_BATCH}, got {cfg.block_size}")
+    if cfg.layer not in ("", "auto"):
+        try:
+            describe_layer(ctx.task.build_model(), cfg.layer)
+        except ValueError as exc:
+            raise OcdError(f"task {ctx.task.name}: {exc}") from None
+
+
 def run_overfit(
     ctx: Context,
     base: StageResult,
@@ -202,14 +227,13 @@ def run_overfit(
 ) -> StageResult:
     """Build (or fetch, or finish) the record store for the task's base model."""
     layer = cfg.layer or ctx.task.layer
-    try:
-        describe_layer(ctx.task.build_model(), layer)
-    except ValueError as exc:
-        raise OcdError(f"task {ctx.task.name}: {exc}") from None
+    validate_overfit_config(ctx, replace(cfg, layer=layer))
     cfg = replace(cfg, layer=layer)
     key = overfit_key(ctx, base, cfg, layer)
     entry = None if force else ctx.cache.lookup(STAGE, key)
     if entry is not None:
+        url = str(entry.path / STORE_NAME)
+        check_provenance(RecordStore.open(url), url, key=key, task=ctx.task.name, base_key=base.key, layer=layer)
         return _result(entry.path, key, cached=True, meta=entry.meta)
     with ctx.cache.lock(STAGE, key), open_executor(cluster) as executor:
         partial = ctx.cache.begin(STAGE, key, fresh=force)
@@ -224,7 +248,7 @@ def run_overfit(
             store_url=url,
             split="",
             block=-1,
-            threads=cluster.threads_per_worker if executor.client is not None else torch.get_num_threads(),
+            threads=cluster.threads_per_worker,
             device=str(ctx.device),
         )
         jobs = [replace(job_template, split=s, block=b) for s in SPLITS for b in store.missing_blocks(s)]
@@ -245,6 +269,17 @@ def run_overfit(
     return _result(entry.path, key, cached=False, meta=entry.meta)
 
 
+def check_provenance(store: RecordStore, url: str, **expected: str) -> None:
+    """Refuse a store whose provenance differs from what was asked for (task, base model, layer, key)."""
+    attrs = store.attrs
+    for field, value in expected.items():
+        if attrs.get(field) != value:
+            raise OcdError(
+                f"store {url} was made with {field} {attrs.get(field)!r}, not the requested {value!r}; "
+                "refusing to reuse it (remove it with `ocd cache rm`)"
+            )
+
+
 def _portable_task_spec(spec: str) -> str:
     """Task files are sent to workers with absolute paths."""
     if ".py:" in spec:
@@ -256,8 +291,7 @@ def _portable_task_spec(spec: str) -> str:
 def _open_or_create(ctx: Context, base: StageResult, cfg: OverfitConfig, layer: str, key: str, url: str):
     if Path(url).exists():
         store = RecordStore.open(url, mode="r+")
-        if store.attrs.get("key") != key:
-            raise OcdError(f"{url} belongs to another run (key {store.attrs.get('key')}, expected {key})")
+        check_provenance(store, url, key=key, task=ctx.task.name, base_key=base.key, layer=layer)
         done = sum(int(store.done_mask(s).sum()) for s in SPLITS)
         if done:
             ctx.say(f"resuming store {key}: {done} finished blocks kept")
@@ -297,6 +331,7 @@ def _result(path: Path, key: str, cached: bool, meta: dict[str, Any]) -> StageRe
     summary = {
         "samples": samples,
         "layer": meta["layer"],
+        "base_key": meta["base_key"],
         "samples_per_s": round(meta["computed_samples"] / seconds, 1) if seconds else None,
         "store_bytes": dir_size(path / STORE_NAME),
         "store": str(path / STORE_NAME),

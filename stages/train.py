@@ -37,7 +37,7 @@ from ..pipeline.signals import cond_dims, conditioning, delta_matrix, delta_scal
 from ..pipeline.store import RecordStore
 from ..pipeline.weights import load_weights, save_weights
 from ..tasks import Task
-from .overfit import STORE_NAME
+from .overfit import STORE_NAME, check_provenance
 
 STAGE = "train"
 DENOISER = "denoiser.safetensors"
@@ -101,6 +101,7 @@ def run_train(ctx: Context, overfit: StageResult, cfg: TrainConfig, force: bool 
         return _result(entry.path, key, True, entry.meta)
     url = str(overfit.path / STORE_NAME)
     store = RecordStore.open(url)
+    check_provenance(store, url, key=overfit.key, task=ctx.task.name, base_key=overfit.summary["base_key"])
     check_store(store, url)
     with ctx.cache.lock(STAGE, key):
         partial = ctx.cache.begin(STAGE, key, fresh=force)

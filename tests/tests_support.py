@@ -38,3 +38,25 @@ def write_user_task(directory: Path) -> Path:
     path = directory / "my_task.py"
     path.write_text(USER_TASK)
     return path
+
+
+def ocd_command(*args) -> list[str]:
+    """argv that runs the ocd CLI of this interpreter in a subprocess."""
+    import sys
+
+    return [sys.executable, "-m", "ocd", *map(str, args)]
+
+
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except Exception:  # the watched files may be half-created; try again
+            pass
+        time.sleep(interval)
+    return False
