@@ -38,15 +38,17 @@ PROFILES: Mapping[str, UNetConfig] = MappingProxyType(
             dropout=0.4,
         ),
         # CPU-sized: two downsamplings (84x120 -> 21x30), attention only at the lowest level.
+        # 16 channels: on 2 CPU cores ~3x the training throughput of 32 channels (1.4 vs 5.3 GFLOP per
+        # forward at 84x120); pass channels=32 for more capacity.
         "quick": UNetConfig(
-            channels=32,
+            channels=16,
             channel_mult=(1, 2, 2),
             num_res_blocks=1,
             attention_levels=(2,),
             dropout=0.1,
             norm_groups=8,
         ),
-        # For tests: one downsampling, a few thousand parameters per level.
+        # For tests and toy problems: one downsampling, ~0.2M parameters.
         "tiny": UNetConfig(
             channels=16,
             channel_mult=(1, 2),

@@ -5,8 +5,9 @@ Layout (one group per split, every array chunked along the sample axis with one 
     store.zarr/                      attrs: provenance (schema, task, base key, layer, optimizer, ...)
       train/ test/                   attrs: n, block_size, n_blocks
         input label act_in act_out output delta loss_before loss_after   (N, ...)
-        done      (n_blocks,) bool    a block's flag, set after its data and checksum
+        done      (n_blocks,) bool    a block's flag, set after its data, checksum and moments
         checksum  (n_blocks,) uint64  blake2b-64 of the block's records, in RECORD_FIELDS order
+        moments   (n_blocks, F, 2) float64  per field: sum and sum of squares over the block
 
 A block is written by exactly one task and owns whole chunks of every array (chunks of
 ``done`` and ``checksum`` hold one element), so concurrent writers never touch the same chunk.
@@ -50,6 +51,15 @@ def block_checksum(records: dict[str, np.ndarray]) -> int:
         h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
         h.update(a.data)
     return int.from_bytes(h.digest(), "little")
+
+
+def block_moments(records: dict[str, np.ndarray]) -> np.ndarray:
+    """(F, 2): the sum and the sum of squares of each record field over a block, in float64."""
+    out = np.zeros((len(RECORD_FIELDS), 2))
+    for i, name in enumerate(RECORD_FIELDS):
+        values = np.asarray(records[name], dtype=np.float64)
+        out[i] = values.sum(), np.square(values).sum()
+    return out
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,10 @@ class RecordStore:
                 )
             group.create_array("done", shape=(n_blocks,), dtype="bool", chunks=(1,), fill_value=False)
             group.create_array("checksum", shape=(n_blocks,), dtype="uint64", chunks=(1,), fill_value=0)
+            group.create_array(
+                "moments", shape=(n_blocks, len(RECORD_FIELDS), 2), dtype="float64",
+                chunks=(1, len(RECORD_FIELDS), 2), fill_value=0.0,
+            )
         return cls(root, url)
 
     @classmethod
@@ -151,8 +165,10 @@ class RecordStore:
             if values.shape != (stop - start, *array.shape[1:]):
                 raise ValueError(f"block {block} of {split}/{name}: shape {values.shape} does not fit")
             array[start:stop] = values
-        checksum = block_checksum({n: np.asarray(records[n], dtype=group[n].dtype) for n in RECORD_FIELDS})
+        typed = {n: np.asarray(records[n], dtype=group[n].dtype) for n in RECORD_FIELDS}
+        checksum = block_checksum(typed)
         group["checksum"][block] = checksum
+        group["moments"][block] = block_moments(typed)
         group["done"][block] = True
         return checksum
 

@@ -187,6 +187,17 @@ def test_unet_shapes_on_padded_non_square_input():
         model(x, torch.tensor([3, 700]), {"act_in": torch.randn(2, 120)})
 
 
+def test_unet_unconditional_and_coordinate_channels():
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 1, 8, 12), torch.tensor([0, 999])
+    assert create_denoiser("tiny")(x, t).shape == x.shape  # no cond_dims: unconditional
+    with pytest.raises(KeyError):
+        create_denoiser("tiny")(x, t, {"c": torch.randn(2, 3)})
+    coord = create_denoiser("tiny", {"c": 3}, coord_channels=True)
+    assert coord.conv_in.in_channels == 3
+    assert coord(x, t, random_cond({"c": 3}, 2)).shape == x.shape
+
+
 def test_unet_quick_profile_on_lenet_fc1_shape():
     torch.manual_seed(0)
     model = create_denoiser("quick", OCD_DIMS)
