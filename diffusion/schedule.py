@@ -17,7 +17,7 @@ class ScheduleConfig:
 
     num_timesteps: int = 1000  #: T, the number of diffusion steps
     beta_start: float = 1e-4  #: beta_1 (paper: 1e-4; public OCD code: 1e-6)
-    beta_end: float = 2e-2  #: beta_T (DDPM: 2e-2; paper: 1e-2)
+    beta_end: float = 1e-2  #: beta_T (paper: 1e-2; DDPM: 2e-2)
 
     def __post_init__(self) -> None:
         if self.num_timesteps < 1:

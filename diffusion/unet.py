@@ -34,6 +34,7 @@ class UNetConfig:
     temb_mult: int = 4  #: timestep/conditioning embedding width = temb_mult * channels
     in_channels: int = 1  #: image channels (a weight matrix: 1)
     coord_channels: bool = False  #: append row/column coordinates in [-1, 1] as two extra input channels
+    patch: int = 1  #: patchify stem: the U-Net runs at 1/patch resolution (strided conv in, transposed conv out)
     cond_dims: Mapping[str, int] = field(default_factory=dict)  #: signal name -> width; empty = unconditional
 
     def __post_init__(self) -> None:
@@ -54,14 +55,14 @@ class UNetConfig:
 
 
 def padded_shape(
-    weight_shape: tuple[int, int], levels: int, pad_to: int | tuple[int, int] | None = None
+    weight_shape: tuple[int, int], levels: int, pad_to: int | tuple[int, int] | None = None, patch: int = 1
 ) -> tuple[int, int]:
     """The smallest (H, W) >= ``weight_shape`` (and >= ``pad_to``) divisible by 2**levels.
 
     ``pad_to`` (int or pair) forces a larger canvas, e.g. 128 for the paper's 128x128; it must itself be
     divisible by 2**levels and at least the weight's size.
     """
-    m = 2**levels
+    m = patch * 2**levels
     targets = (pad_to, pad_to) if isinstance(pad_to, int) else (pad_to or (0, 0))
     out = []
     for dim, target in zip(weight_shape, targets, strict=True):
@@ -177,7 +178,11 @@ class UNet(nn.Module):
         emb, g = c.temb_dim, c.norm_groups
         self.time_embed = nn.Sequential(nn.Linear(c.channels, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.cond_embed = ConditionEmbedding(c.cond_dims, emb) if c.cond_dims else None
-        self.conv_in = nn.Conv2d(c.in_channels + 2 * c.coord_channels, c.channels, 3, padding=1)
+        cin = c.in_channels + 2 * c.coord_channels
+        if c.patch > 1:
+            self.conv_in = nn.Conv2d(cin, c.channels, c.patch, stride=c.patch)
+        else:
+            self.conv_in = nn.Conv2d(cin, c.channels, 3, padding=1)
 
         widths = [c.channels * m for m in c.channel_mult]
         skips, cur = [c.channels], c.channels
@@ -211,7 +216,10 @@ class UNet(nn.Module):
             self.up.append(stage)
 
         self.norm_out = group_norm(cur, g)
-        self.conv_out = nn.Conv2d(cur, c.in_channels, 3, padding=1)
+        if c.patch > 1:
+            self.conv_out = nn.ConvTranspose2d(cur, c.in_channels, c.patch, stride=c.patch)
+        else:
+            self.conv_out = nn.Conv2d(cur, c.in_channels, 3, padding=1)
 
     def _attn(self, width: int, level: int) -> nn.Module:
         if level in self.config.attention_levels:
@@ -227,7 +235,7 @@ class UNet(nn.Module):
         self, weight_shape: tuple[int, int], pad_to: int | tuple[int, int] | None = None
     ) -> tuple[int, int]:
         """The padded (H, W) this model takes for a weight of ``weight_shape``."""
-        return padded_shape(weight_shape, self.config.num_downsamplings, pad_to)
+        return padded_shape(weight_shape, self.config.num_downsamplings, pad_to, patch=self.config.patch)
 
     def embed(self, t: Tensor, cond: Cond | None) -> Tensor:
         """Timestep embedding plus conditioning embedding, (B, temb_dim)."""
@@ -239,7 +247,7 @@ class UNet(nn.Module):
         return emb
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
-        m = 2**self.config.num_downsamplings
+        m = self.config.patch * 2**self.config.num_downsamplings
         if x.shape[-2] % m or x.shape[-1] % m:
             raise ValueError(f"input {tuple(x.shape[-2:])} must be divisible by {m}; pad with to_image()")
         if t.dim() == 0:

@@ -53,7 +53,7 @@ class TrainConfig:
     """Stage two: training the conditional diffusion model on the store's train split."""
 
     profile: str = "quick"  #: denoiser profile (diffusion.PROFILES): quick, paper, tiny
-    epochs: int = 30  #: passes over the train split
+    epochs: int = 10  #: passes over the train split
     batch_size: int = 32  #: minibatch size
     lr: float = 2e-4  #: denoiser Adam learning rate (paper: 2e-4)
     scale_lr: float = 1e-3  #: scale-model Adam learning rate (paper: 1e-3)

@@ -23,6 +23,7 @@ from ..diffusion import (
     create_denoiser,
     create_diffusion,
     denoising_loss,
+    log_scale_loss,
     scale_loss,
     to_image,
 )
@@ -190,13 +191,15 @@ def _train(ctx: Context, store: RecordStore, url: str, cfg: TrainConfig, out: Pa
                 nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
                 opt.step()
                 ema.update(unet)
-                s_loss = scale_loss(scale(cond), rho)
+                log_rho_hat = scale.log_scale(cond)
+                fit_loss = log_scale_loss(log_rho_hat, rho)  # well-conditioned; the paper's dB loss is reported
                 scale_opt.zero_grad(set_to_none=True)
-                s_loss.backward()
+                fit_loss.backward()
                 nn.utils.clip_grad_norm_(scale.parameters(), cfg.grad_clip)
                 scale_opt.step()
                 state["step"] += 1
-                state["losses"].append([state["step"], epoch, float(loss.detach()), float(s_loss.detach())])
+                s_loss = scale_loss(log_rho_hat.detach().exp(), rho)
+                state["losses"].append([state["step"], epoch, float(loss.detach()), float(s_loss)])
                 progress.update(bar, advance=1, info=f"epoch {epoch + 1} loss {float(loss.detach()):.4f}")
                 if state["step"] % cfg.checkpoint_every == 0:
                     now = time.perf_counter()

@@ -47,7 +47,7 @@ def test_schedule_closed_forms():
     schedule, _ = create_diffusion()
     assert schedule.num_timesteps == 1000
     assert schedule.betas[0].item() == pytest.approx(1e-4)
-    assert schedule.betas[-1].item() == pytest.approx(2e-2)
+    assert schedule.betas[-1].item() == pytest.approx(1e-2)
     assert torch.allclose(schedule.alphas_cumprod, torch.cumprod(1 - schedule.betas, 0))
     assert torch.all(schedule.alphas_cumprod[1:] < schedule.alphas_cumprod[:-1])
     assert schedule.alphas_cumprod_prev[0] == 1 and torch.equal(

@@ -174,35 +174,38 @@ def test_a_killed_dask_worker_does_not_lose_the_run(run_cli, tmp_path, nanny_fre
 TRAIN_CONFIG = "[train]\nprofile = 'tiny'\nepochs = 2\ncheckpoint_every = 10\nbatch_size = 32\n"
 
 
+def run_ocd(*args, env=None) -> tuple[dict, str]:
+    """Run the CLI in a subprocess with --json; returns (report, stderr)."""
+    proc = subprocess.run(ocd_command(*args, "--json", "--no-progress"), capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), proc.stderr
+
+
 def test_killed_training_resumes_from_its_checkpoint(run_cli, tmp_path):
     from safetensors.numpy import load_file
 
     config = tmp_path / "train.toml"
     config.write_text(TRAIN_CONFIG)
-    args = ("--task", "digits", "--config", config, "--workers", "0")
     cache = tmp_path / "cache"
+    args = ("train", "--task", "digits", "--config", config, "--workers", "0", "--cache-dir", cache)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every run with the same torch thread count
     cli_json(run_cli, "overfit", "--task", "digits", "--cache-dir", cache, "--workers", "0")
-    proc = subprocess.Popen(
-        ocd_command("train", *args, "--cache-dir", cache, "--no-progress"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen(ocd_command(*args, "--no-progress"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint_state = lambda: next((cache / "train").glob("*.partial/checkpoint/state.json"))  # noqa: E731
     assert wait_for(lambda: json.loads(checkpoint_state().read_text())["state"]["step"] >= 20, timeout=300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = json.loads(checkpoint_state().read_text())["state"]["step"]
-    resumed = run_cli("train", *args, "--cache-dir", cache, "--json", "--no-progress")
-    assert resumed.code == 0, resumed.err
-    assert f"resuming training at step {step}" in resumed.err
-    report = resumed.json()
+    report, err = run_ocd(*args, env=env)
+    assert f"resuming training at step {step}" in err
     resumed_weights = load_file(str(Path(report["path"]) / "denoiser.safetensors"))
-    clean = cli_json(run_cli, "train", *args, "--cache-dir", cache, "--force")
+    clean, _ = run_ocd(*args, "--force", env=env)
     assert clean["key"] == report["key"] and clean["steps"] == report["steps"] and clean["cached"] is False
     clean_weights = load_file(str(Path(clean["path"]) / "denoiser.safetensors"))
     assert resumed_weights.keys() == clean_weights.keys()
     for name in clean_weights:
-        np.testing.assert_allclose(resumed_weights[name], clean_weights[name], rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_array_equal(resumed_weights[name], clean_weights[name], err_msg=name)
 
 
 @pytest.fixture
