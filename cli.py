@@ -188,6 +188,9 @@ def evaluate_command(
     eta: Annotated[float | None, typer.Option(help="DDIM eta (0 = deterministic).")] = None,
     bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for intervals.")] = None,
     seed: Annotated[int | None, typer.Option(help="Noise and bootstrap seed.")] = None,
+    alternative_layer: Annotated[
+        bool | None, typer.Option("--alternative-layer", help="Add OCD on the next-ranked layer (trains a 2nd model).")
+    ] = None,
     workers: WorkersOpt = None,
     threads_per_worker: ThreadsOpt = 1,
     scheduler: SchedulerOpt = None,
@@ -199,7 +202,8 @@ def evaluate_command(
     for name, value in (("--ensemble", ensemble), ("--steps", steps), ("--bootstrap", bootstrap)):
         _positive(name, value)
     ctx = _context(task, cache_dir, device, no_progress)
-    overrides = {"ensemble": ensemble, "steps": steps, "eta": eta, "bootstrap": bootstrap, "seed": seed}
+    overrides = {"ensemble": ensemble, "steps": steps, "eta": eta, "bootstrap": bootstrap, "seed": seed,
+                 "alternative_layer": alternative_layer}
     cfgs = _configs(ctx, config, train={"profile": profile}, evaluate=overrides)
     ctx.cache.ensure_writable()
     result = _stage_evaluate(ctx, cfgs, _cluster(workers, threads_per_worker, scheduler), force)
@@ -250,13 +254,31 @@ def _stage_train(ctx, cfgs, cluster, force: bool = False):
     return overfit, result
 
 
+def _alternative_layer(ctx, cfgs, cluster, base, overfit):
+    """Store and diffusion model of the best-ranked layer other than the one OCD uses."""
+    import dataclasses
+
+    from .stages.overfit import run_overfit
+    from .stages.select_layer import select_layer
+    from .stages.train import run_train
+
+    used = overfit.summary["layer"]
+    other = next((s.name for s in select_layer(ctx, base, cfgs["select"]) if s.name != used), None)
+    if other is None:
+        raise OcdError(f"task {ctx.task.name}: no layer other than {used!r} for the alternative-layer ablation")
+    ctx.say(f"alternative-layer ablation: {other}")
+    alt_store = run_overfit(ctx, base, dataclasses.replace(cfgs["overfit"], layer=other), cluster)
+    return alt_store, run_train(ctx, alt_store, cfgs["train"])
+
+
 def _stage_evaluate(ctx, cfgs, cluster, force: bool = False):
     from .stages.base import run_base
     from .stages.evaluate import run_evaluate
 
     overfit, train = _stage_train(ctx, cfgs, cluster)
     base = run_base(ctx, cfgs["base"])
-    result = run_evaluate(ctx, base, overfit, train, cfgs["evaluate"], force=force)
+    alternative = _alternative_layer(ctx, cfgs, cluster, base, overfit) if cfgs["evaluate"].alternative_layer else None
+    result = run_evaluate(ctx, base, overfit, train, cfgs["evaluate"], force=force, alternative=alternative)
     if result.cached:
         ctx.say(f"[green]cache hit[/green]: evaluation {result.key}")
     return result

@@ -73,6 +73,7 @@ class EvaluateConfig:
     steps: int = 10  #: DDIM steps per sample
     eta: float = 0.0  #: DDIM eta (0 = deterministic given the starting noise)
     bootstrap: int = 1000  #: bootstrap resamples for the intervals
+    alternative_layer: bool = False  #: also run OCD on the next-ranked layer (paper's ablation; trains a 2nd model)
     seed: int = 0  #: starting-noise and bootstrap seed
 
 

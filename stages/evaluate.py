@@ -33,8 +33,8 @@ METHODS = ("base", "ocd", "ocd_ensemble", "oracle", "nearest_neighbour", "no_sca
 TEST_FIELDS = ("input", "label", "act_in", "act_out", "output", "delta")
 
 
-def evaluate_key(train_key: str, cfg: EvaluateConfig) -> str:
-    return cache_key(STAGE, train=train_key, config=key_fields(cfg))
+def evaluate_key(train_key: str, cfg: EvaluateConfig, alternative_key: str | None = None) -> str:
+    return cache_key(STAGE, train=train_key, config=key_fields(cfg), alternative=alternative_key)
 
 
 class NearestNeighbour:
@@ -67,16 +67,21 @@ def run_evaluate(
     train: StageResult,
     cfg: EvaluateConfig,
     force: bool = False,
+    alternative: tuple[StageResult, StageResult] | None = None,
 ) -> StageResult:
-    """Evaluate every method on the test split (or fetch the cached report)."""
-    key = evaluate_key(train.key, cfg)
+    """Evaluate every method on the test split (or fetch the cached report).
+
+    `alternative` (the store and trained model of another layer) adds the paper's
+    "alternative layer" ablation: OCD applied to that layer instead.
+    """
+    key = evaluate_key(train.key, cfg, alternative[1].key if alternative else None)
     entry = None if force else ctx.cache.lookup(STAGE, key)
     if entry is not None:
         return _result(entry.path, key, True)
     with ctx.cache.lock(STAGE, key):
         partial = ctx.cache.begin(STAGE, key, fresh=True)
         start = time.perf_counter()
-        report, arrays = _evaluate(ctx, base, overfit, train, cfg)
+        report, arrays = _evaluate(ctx, base, overfit, train, cfg, alternative)
         report["seconds"] = round(time.perf_counter() - start, 1)
         write_json_atomic(partial / REPORT, report)
         np.savez(partial / PER_SAMPLE, **arrays)
@@ -85,65 +90,95 @@ def run_evaluate(
     return _result(ctx.cache.path(STAGE, key), key, False)
 
 
-def _evaluate(ctx, base, overfit, train, cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+class DeltaSampler:
+    """Label-free weight changes for one (store, trained diffusion model) pair: DDIM + predicted scale."""
+
+    def __init__(self, ctx: Context, overfit: StageResult, train: StageResult):
+        self.store = RecordStore.open(str(overfit.path / STORE_NAME))
+        self.layer = self.store.attrs["layer"]
+        self.weight_shape = tuple(self.store.attrs["weight_shape"])
+        spec, self.unet, self.scale = load_trained(train, ctx.device)
+        self.image_shape, self.matrix_shape = tuple(spec["image_shape"]), tuple(spec["matrix_shape"])
+        self.sampler = create_diffusion().sampler
+        self.task, self.device = ctx.task, ctx.device
+
+    def test_conditioning(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        group = self.store.split("test")
+        records = {k: torch.from_numpy(group[k][start:stop]) for k in ("act_in", "act_out", "output")}
+        return {k: v.to(self.device) for k, v in conditioning(self.task, records).items()}
+
+    @torch.no_grad()
+    def omega(self, cond: dict[str, torch.Tensor], generator: torch.Generator, cfg: EvaluateConfig) -> torch.Tensor:
+        """One normalised sample (n, out, K) from fresh starting noise."""
+        n = next(iter(cond.values())).shape[0]
+        noise = torch.randn((n, 1, *self.image_shape), generator=generator).to(self.device)
+        sample = self.sampler.sample(lambda x, t: self.unet(x, t, cond), noise, cfg.steps, eta=cfg.eta,
+                                     generator=generator)
+        return from_image(sample, self.matrix_shape)
+
+    def deltas(self, omega: torch.Tensor, rho: torch.Tensor | float) -> torch.Tensor:
+        rho = rho[:, None, None] if isinstance(rho, torch.Tensor) else rho
+        return (rho * omega).reshape(len(omega), *self.weight_shape)
+
+
+def _evaluate(ctx, base, overfit, train, cfg: EvaluateConfig, alternative=None):
     task, device = ctx.task, ctx.device
-    store = RecordStore.open(str(overfit.path / STORE_NAME))
-    layer = store.attrs["layer"]
-    weight_shape = tuple(store.attrs["weight_shape"])
+    main = DeltaSampler(ctx, overfit, train)
+    alt = DeltaSampler(ctx, *alternative) if alternative else None
+    store = main.store
     model = load_base_model(ctx, base)
-    spec, unet, scale = load_trained(train, device)
-    image_shape = tuple(spec["image_shape"])
-    matrix_shape = tuple(spec["matrix_shape"])
-    _, sampler = create_diffusion()
     train_rhos = [
         delta_scale(delta_matrix(torch.from_numpy(r["delta"]))) for r in store.iter_blocks("train", ("delta",))
     ]
     mean_rho = float(torch.cat(train_rhos).mean())
-    nearest = NearestNeighbour(ctx, store, unet.normalizer)
+    nearest = NearestNeighbour(ctx, store, main.unet.normalizer)
     generator = torch.Generator().manual_seed(cfg.seed)
-    outputs: dict[str, list[torch.Tensor]] = {m: [] for m in METHODS}
+    methods = METHODS + (("alternative_layer",) if alt else ())
+    outputs: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     members: list[list[torch.Tensor]] = [[] for _ in range(cfg.ensemble)]
     labels, rho_true, rho_pred, nn_index = [], [], [], []
-    blocks = store.blocks("test")
     with ctx.progress() as progress:
         bar = progress.add_task("evaluate", total=store.size("test"), info="")
-        for block in range(len(blocks)):
+        for block, (start, stop) in enumerate(store.blocks("test")):
             rec = {k: torch.from_numpy(v) for k, v in store.read_block("test", block, TEST_FIELDS).items()}
-            inputs, n = rec["input"].to(device), len(rec["input"])
+            inputs = rec["input"].to(device)
             cond = {k: v.to(device) for k, v in conditioning(task, rec).items()}
             labels.append(rec["label"])
             with torch.no_grad():
-                rho_hat = scale(cond)
+                rho_hat = main.scale(cond)
 
-            def run(deltas, inputs=inputs, n=n):
-                d = None if deltas is None else deltas.reshape(n, *weight_shape).to(device)
-                return outputs_with_deltas(model, layer, inputs, d).cpu()
+            def run(deltas, layer=main.layer, inputs=inputs):
+                return outputs_with_deltas(model, layer, inputs, None if deltas is None else deltas.to(device)).cpu()
 
-            omegas = []
-            for k in range(cfg.ensemble):
-                noise = torch.randn((n, 1, *image_shape), generator=generator).to(device)
-                sample = sampler.sample(
-                    lambda x, t, c=cond: unet(x, t, c), noise, cfg.steps, eta=cfg.eta, generator=generator
-                )
-                omega = from_image(sample, matrix_shape)
-                omegas.append(omega)
-                members[k].append(run(rho_hat[:, None, None] * omega))
+            omegas = [main.omega(cond, generator, cfg) for _ in range(cfg.ensemble)]
+            for k, omega in enumerate(omegas):
+                members[k].append(run(main.deltas(omega, rho_hat)))
             outputs["base"].append(run(None))
             outputs["ocd"].append(members[0][-1])
             outputs["oracle"].append(run(rec["delta"]))
             nn_delta, index = nearest.deltas({k: v.cpu() for k, v in cond.items()})
             nn_index.append(index)
             outputs["nearest_neighbour"].append(run(nn_delta))
-            outputs["no_scale"].append(run(mean_rho * omegas[0]))
+            outputs["no_scale"].append(run(main.deltas(omegas[0], mean_rho)))
+            if alt is not None:
+                alt_cond = alt.test_conditioning(start, stop)
+                with torch.no_grad():
+                    alt_rho = alt.scale(alt_cond)
+                alt_delta = alt.deltas(alt.omega(alt_cond, generator, cfg), alt_rho)
+                outputs["alternative_layer"].append(run(alt_delta, layer=alt.layer))
             rho_true.append(delta_scale(delta_matrix(rec["delta"])))
             rho_pred.append(rho_hat.cpu())
-            progress.update(bar, advance=n)
+            progress.update(bar, advance=stop - start)
     label = torch.cat(labels)
     member_outputs = torch.stack([torch.cat(m) for m in members])  # (K, N, ...)
     final = {m: torch.cat(v) for m, v in outputs.items() if v}
     final["ocd_ensemble"] = task.combine_outputs(member_outputs)
-    return _report(ctx, cfg, final, member_outputs, label, torch.cat(rho_true), torch.cat(rho_pred),
-                   np.concatenate(nn_index), mean_rho)
+    report, arrays = _report(ctx, cfg, final, member_outputs, label, torch.cat(rho_true), torch.cat(rho_pred),
+                             np.concatenate(nn_index), mean_rho)
+    report["layer"] = main.layer
+    if alt is not None:
+        report["alternative_layer"] = alt.layer
+    return report, arrays
 
 
 def _report(ctx, cfg, final, member_outputs, label, rho_true, rho_pred, nn_index, mean_rho):
@@ -174,7 +209,7 @@ def _plots(ctx: Context, report: dict[str, Any], arrays: dict[str, np.ndarray], 
 
     curve = report["ensemble_curve"]
     plot_ensemble_curve(curve["sizes"], curve["metrics"], report["metrics"]["base"], out / "ensemble.png")
-    changes = {m: arrays[f"loss_{m}"] - arrays["loss_base"] for m in METHODS if m != "base" and f"loss_{m}" in arrays}
+    changes = {k[5:]: v - arrays["loss_base"] for k, v in arrays.items() if k.startswith("loss_") and k != "loss_base"}
     plot_loss_change(changes, out / "loss_change.png")
 
 

@@ -51,7 +51,11 @@ FIELDS = ("act_in", "act_out", "output", "delta")
 
 
 def train_key(store_key: str, cfg: TrainConfig) -> str:
-    return cache_key(STAGE, store=store_key, config=key_fields(cfg))
+    """Key of a trained diffusion model: the store, the training config, and the denoiser
+    architecture and noise schedule the profile stands for (so editing a profile invalidates it)."""
+    architecture = PROFILES[cfg.profile] if cfg.profile in PROFILES else cfg.profile
+    return cache_key(STAGE, store=store_key, config=key_fields(cfg), architecture=architecture,
+                     schedule=create_diffusion().schedule.config)
 
 
 def check_store(store: RecordStore, url: str) -> None:

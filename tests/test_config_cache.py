@@ -82,3 +82,19 @@ def _try_lock(root: str) -> str:
             return "acquired"
     except OcdError as exc:
         return str(exc)
+
+
+def test_train_key_follows_the_denoiser_architecture(monkeypatch):
+    import dataclasses
+
+    from ocd import diffusion
+    from ocd.pipeline.config import TrainConfig
+    from ocd.stages import train
+
+    cfg = TrainConfig(profile="quick")
+    before = train.train_key("store", cfg)
+    assert train.train_key("store", cfg) == before
+    assert train.train_key("store", TrainConfig(profile="tiny")) != before
+    patched = dict(diffusion.PROFILES, quick=dataclasses.replace(diffusion.PROFILES["quick"], channels=48))
+    monkeypatch.setattr(train, "PROFILES", patched)
+    assert train.train_key("store", cfg) != before

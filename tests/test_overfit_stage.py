@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tests_support import write_user_task
+from tests_support import start_dask_cluster, stop_processes, write_user_task
 
 from ocd.pipeline.store import RECORD_FIELDS, SPLITS, RecordStore
-
-DASK = Path(sys.executable).with_name("dask")
 
 
 def overfit(run_cli, cache_dir, *extra):
@@ -104,50 +98,11 @@ def test_user_task_file_with_its_own_model(run_cli, cache_dir, tmp_path):
 @pytest.fixture
 def dask_cluster(tmp_path):
     """A real `dask scheduler` and two `dask worker` processes on loopback."""
-    scheduler_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                str(DASK),
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-dashboard",
-                "--scheduler-file",
-                str(scheduler_file),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
+    address, scheduler, workers = start_dask_cluster(tmp_path)
     try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for _ in range(2):
-            procs.append(
-                subprocess.Popen(
-                    [str(DASK), "worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        from distributed import Client
-
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=90)
         yield address
     finally:
-        for proc in procs[::-1]:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
+        stop_processes(*workers, scheduler)
 
 
 def test_runs_on_a_real_dask_scheduler(run_cli, tmp_path, dask_cluster):

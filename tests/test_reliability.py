@@ -6,19 +6,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from tests_support import ocd_command, wait_for
+from tests_support import ocd_command, start_dask_cluster, stop_processes, wait_for
 
 from ocd.pipeline.cache import Cache
 from ocd.pipeline.store import RECORD_FIELDS, SPLITS, RecordStore
-
-DASK = Path(sys.executable).with_name("dask")
 
 
 def cli_json(run_cli, *args):
@@ -91,54 +88,11 @@ def test_killed_overfit_resumes_and_matches_an_uninterrupted_run(run_cli, tmp_pa
 @pytest.fixture
 def nanny_free_cluster(tmp_path):
     """A real scheduler and two workers without nannies, so a killed worker stays dead."""
-    scheduler_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
-    scheduler = subprocess.Popen(
-        [
-            str(DASK),
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-dashboard",
-            "--scheduler-file",
-            str(scheduler_file),
-        ],
-        **quiet,
-    )
-    workers = []
+    address, scheduler, workers = start_dask_cluster(tmp_path, nanny=False)
     try:
-        assert wait_for(scheduler_file.exists, 60)
-        address = json.loads(scheduler_file.read_text())["address"]
-        workers = [
-            subprocess.Popen(
-                [
-                    str(DASK),
-                    "worker",
-                    address,
-                    "--nthreads",
-                    "1",
-                    "--no-nanny",
-                    "--no-dashboard",
-                    "--host",
-                    "127.0.0.1",
-                ],
-                **quiet,
-            )
-            for _ in range(2)
-        ]
-        from distributed import Client
-
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=90)
         yield address, workers
     finally:
-        for proc in [*workers, scheduler]:
-            if proc.poll() is None:
-                proc.terminate()
-            proc.wait(timeout=30)
+        stop_processes(*workers, scheduler)
 
 
 def test_a_killed_dask_worker_does_not_lose_the_run(run_cli, tmp_path, nanny_free_cluster):

@@ -60,3 +60,37 @@ def wait_for(predicate, timeout: float = 120.0, interval: float = 0.05) -> bool:
             pass
         time.sleep(interval)
     return False
+
+
+def start_dask_cluster(directory: Path, workers: int = 2, nanny: bool = True):
+    """A real `dask scheduler` and `dask worker` processes on loopback: (address, scheduler, workers)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    dask = str(Path(sys.executable).with_name("dask"))
+    scheduler_file = directory / "scheduler.json"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": {**os.environ, "OMP_NUM_THREADS": "1"}}
+    scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                  "--scheduler-file", str(scheduler_file)], **quiet)
+    if not wait_for(scheduler_file.exists, 60):
+        scheduler.terminate()
+        raise RuntimeError("dask scheduler did not start")
+    address = json.loads(scheduler_file.read_text())["address"]
+    extra = [] if nanny else ["--no-nanny"]
+    procs = [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
+                               *extra], **quiet) for _ in range(workers)]
+    from distributed import Client
+
+    with Client(address, timeout="30s") as client:
+        client.wait_for_workers(workers, timeout=90)
+    return address, scheduler, procs
+
+
+def stop_processes(*procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
