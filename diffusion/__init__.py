@@ -49,6 +49,20 @@ PROFILES: Mapping[str, UNetConfig] = MappingProxyType(
             norm_groups=8,
             patch=4,
         ),
+        # quick + conditioning laid out along the delta's rows and columns (act_out per row, act_in per
+        # column, and 4 learned per-row/per-column feature maps): the denoiser can place the outer-product
+        # structure of a Linear layer's delta. Not in the paper; see docs/results.md.
+        "quick-axis": UNetConfig(
+            channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_levels=(2,),
+            dropout=0.1,
+            norm_groups=8,
+            patch=4,
+            axis_channels=4,
+            axis_signals=("act_out", "act_in"),
+        ),
         # For tests and toy problems: one downsampling, ~0.2M parameters.
         "tiny": UNetConfig(
             channels=16,
@@ -90,7 +104,10 @@ def create_denoiser(
         profile = PROFILES[profile]
     if cond_dims is not None:
         overrides["cond_dims"] = dict(cond_dims)
-    return UNet(dataclasses.replace(profile, **overrides))
+    config = dataclasses.replace(profile, **overrides)
+    if config.axis_signals and not set(config.axis_signals) <= set(config.cond_dims):
+        config = dataclasses.replace(config, axis_signals=())  # the task's signals are named differently
+    return UNet(config)
 
 
 __all__ = [

@@ -34,6 +34,9 @@ class UNetConfig:
     temb_mult: int = 4  #: timestep/conditioning embedding width = temb_mult * channels
     in_channels: int = 1  #: image channels (a weight matrix: 1)
     coord_channels: bool = False  #: append row/column coordinates in [-1, 1] as two extra input channels
+    axis_channels: int = 0  #: learned per-row and per-column features of the conditioning, as 2*k input channels
+    axis_size: tuple[int, ...] = ()  #: (H, W) canvas the axis features span; required when axis_channels > 0
+    axis_signals: tuple[str, ...] = ()  #: (row_signal, col_signal) aligned with the matrix axes, e.g. act_out, act_in
     patch: int = 1  #: patchify stem: the U-Net runs at 1/patch resolution (strided conv in, transposed conv out)
     cond_dims: Mapping[str, int] = field(default_factory=dict)  #: signal name -> width; empty = unconditional
 
@@ -178,7 +181,14 @@ class UNet(nn.Module):
         emb, g = c.temb_dim, c.norm_groups
         self.time_embed = nn.Sequential(nn.Linear(c.channels, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.cond_embed = ConditionEmbedding(c.cond_dims, emb) if c.cond_dims else None
-        cin = c.in_channels + 2 * c.coord_channels
+        if c.axis_channels and len(c.axis_size) != 2:
+            raise ValueError("axis_channels needs axis_size = (H, W), the padded canvas")
+        if c.axis_signals and (len(c.axis_signals) != 2 or not set(c.axis_signals) <= set(c.cond_dims)):
+            raise ValueError(f"axis_signals must name two conditioning signals of {sorted(c.cond_dims)}")
+        if c.axis_channels:
+            self.row_features = nn.Linear(emb, c.axis_channels * c.axis_size[0])
+            self.col_features = nn.Linear(emb, c.axis_channels * c.axis_size[1])
+        cin = c.in_channels + 2 * c.coord_channels + 2 * c.axis_channels + len(c.axis_signals)
         if c.patch > 1:
             self.conv_in = nn.Conv2d(cin, c.channels, c.patch, stride=c.patch)
         else:
@@ -237,6 +247,29 @@ class UNet(nn.Module):
         """The padded (H, W) this model takes for a weight of ``weight_shape``."""
         return padded_shape(weight_shape, self.config.num_downsamplings, pad_to, patch=self.config.patch)
 
+    def axis_maps(self, x: Tensor, emb: Tensor, cond: Cond | None) -> list[Tensor]:
+        """Conditioning laid out along the matrix's rows and columns (empty unless configured).
+
+        A Linear layer's per-sample gradient is an outer product of a row vector (the gradient at
+        the layer's output) and a column vector (its input), so features indexed by row and by
+        column let the convolutions place the conditioning where it acts.
+        """
+        c, (b, _, h, w) = self.config, x.shape
+        maps: list[Tensor] = []
+        if c.axis_channels:
+            if (h, w) != tuple(c.axis_size):
+                raise ValueError(f"input {(h, w)} differs from the axis_size {tuple(c.axis_size)} of this model")
+            k = c.axis_channels
+            maps.append(self.row_features(emb).view(b, k, h, 1).expand(b, k, h, w))
+            maps.append(self.col_features(emb).view(b, k, 1, w).expand(b, k, h, w))
+        if c.axis_signals:
+            normed = self.normalizer(cond) if self.normalizer is not None else cond
+            rows, cols = (normed[name] for name in c.axis_signals)
+            rows = F.pad(rows, (0, h - rows.shape[1]))[:, None, :, None].expand(b, 1, h, w)
+            cols = F.pad(cols, (0, w - cols.shape[1]))[:, None, None, :].expand(b, 1, h, w)
+            maps += [rows.to(x.dtype), cols.to(x.dtype)]
+        return maps
+
     def embed(self, t: Tensor, cond: Cond | None) -> Tensor:
         """Timestep embedding plus conditioning embedding, (B, temb_dim)."""
         emb = self.time_embed(timestep_embedding(t, self.config.channels))
@@ -255,6 +288,7 @@ class UNet(nn.Module):
         emb = self.embed(t, cond)
         if self.config.coord_channels:
             x = torch.cat([x, coordinate_grid(x)], dim=1)
+        x = torch.cat([x, *self.axis_maps(x, emb, cond)], dim=1)
         h = self.conv_in(x)
         hs = [h]
         for stage in self.down:

@@ -24,6 +24,7 @@ from ..diffusion import (
     create_diffusion,
     denoising_loss,
     log_scale_loss,
+    padded_shape,
     scale_loss,
     to_image,
 )
@@ -69,7 +70,16 @@ def check_store(store: RecordStore, url: str) -> None:
 
 def build_models(spec: dict[str, Any]) -> tuple[nn.Module, ScaleModel]:
     """The denoiser and scale model described by a model.json spec (untrained)."""
-    unet = create_denoiser(spec["profile"], spec["cond_dims"])
+    profile = PROFILES[spec["profile"]]
+    overrides: dict[str, Any] = {}
+    if profile.axis_channels:
+        canvas = padded_shape(tuple(spec["matrix_shape"]), profile.num_downsamplings, patch=profile.patch)
+        overrides["axis_size"] = canvas
+    if profile.axis_signals:
+        rows, cols = (spec["cond_dims"].get(name, 0) for name in profile.axis_signals)
+        if (rows, cols) != tuple(spec["matrix_shape"]):  # signals not aligned with this layer's matrix
+            overrides["axis_signals"] = ()
+    unet = create_denoiser(spec["profile"], spec["cond_dims"], **overrides)
     return unet, ScaleModel(spec["cond_dims"])
 
 
