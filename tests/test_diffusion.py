@@ -405,3 +405,27 @@ def test_scale_model_trains_on_the_paper_loss_full_batch():
         opt.step()
         losses.append(loss.item())
     assert min(losses[-20:]) < losses[0] - 10.0
+
+
+def test_axis_conditioning_places_signals_on_rows_and_columns():
+    from ocd.diffusion import create_denoiser
+
+    torch.manual_seed(0)
+    dims = {"act_in": 12, "act_out": 8, "output": 3}
+    unet = create_denoiser("tiny", dims, axis_channels=2, axis_size=(8, 12), axis_signals=("act_out", "act_in"))
+    unet.eval()
+    x = torch.randn(2, 1, 8, 12)
+    t = torch.tensor([10, 500])
+    cond = {name: torch.randn(2, d) for name, d in dims.items()}
+    emb = unet.embed(t, cond)
+    maps = unet.axis_maps(x, emb, cond)
+    assert [m.shape[1] for m in maps] == [2, 2, 1, 1]
+    rows, cols = maps[2], maps[3]
+    assert torch.equal(rows[:, 0, :, 0], rows[:, 0, :, 5]) and torch.equal(cols[:, 0, 0, :], cols[:, 0, 7, :])
+    assert torch.allclose(rows[:, 0, :, 0], unet.normalizer(cond)["act_out"])
+    changed = dict(cond, act_out=cond["act_out"].clone())
+    changed["act_out"][:, 3] += 5.0
+    with torch.no_grad():
+        assert not torch.allclose(unet(x, t, cond), unet(x, t, changed))
+    with pytest.raises(ValueError, match="axis_size"):
+        unet(torch.randn(2, 1, 16, 12), t, cond)
