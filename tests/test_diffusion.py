@@ -233,7 +233,8 @@ def test_profile_parameter_counts(record_property, capsys):
     counts = {}
     for name in PROFILES:
         with torch.device("meta"):  # no memory, no init cost
-            counts[name] = count_parameters(create_denoiser(name, OCD_DIMS))
+            extra = {"axis_size": (96, 128)} if PROFILES[name].axis_channels else {}
+            counts[name] = count_parameters(create_denoiser(name, OCD_DIMS, **extra))
         record_property(f"params_{name}", counts[name])
     with capsys.disabled():
         print("\ndenoiser parameters (LeNet5 fc1 conditioning):", counts)
