@@ -57,8 +57,10 @@ def block_moments(records: dict[str, np.ndarray]) -> np.ndarray:
     """(F, 2): the sum and the sum of squares of each record field over a block, in float64."""
     out = np.zeros((len(RECORD_FIELDS), 2))
     for i, name in enumerate(RECORD_FIELDS):
-        values = np.asarray(records[name], dtype=np.float64)
-        out[i] = values.sum(), np.square(values).sum()
+        values = np.ascontiguousarray(records[name]).ravel()
+        if values.dtype.kind != "f":
+            values = values.astype(np.float64)
+        out[i] = values.sum(dtype=np.float64), float(np.dot(values, values))
     return out
 
 
@@ -80,6 +82,15 @@ class RecordStore:
     def __init__(self, group: zarr.Group, url: str):
         self.group = group
         self.url = url
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._groups: dict[str, zarr.Group] = {}
+
+    def array(self, split: str, name: str) -> zarr.Array:
+        """An array of a split, opened once (each lookup would otherwise reread its metadata)."""
+        key = (split, name)
+        if key not in self._arrays:
+            self._arrays[key] = self.split(split)[name]
+        return self._arrays[key]
 
     # -- creation and opening -------------------------------------------------------------------
     @classmethod
@@ -139,7 +150,9 @@ class RecordStore:
         return bool(self.group.attrs.get("complete", False))
 
     def split(self, split: str) -> zarr.Group:
-        return self.group[split]
+        if split not in self._groups:
+            self._groups[split] = self.group[split]
+        return self._groups[split]
 
     def size(self, split: str) -> int:
         return int(self.split(split).attrs["n"])
@@ -149,7 +162,7 @@ class RecordStore:
         return block_bounds(int(group.attrs["n"]), int(group.attrs["block_size"]))
 
     def done_mask(self, split: str) -> np.ndarray:
-        return np.asarray(self.split(split)["done"][:], dtype=bool)
+        return np.asarray(self.array(split, "done")[:], dtype=bool)
 
     def missing_blocks(self, split: str) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done_mask(split))]
@@ -157,29 +170,27 @@ class RecordStore:
     # -- block I/O -----------------------------------------------------------------------------
     def write_block(self, split: str, block: int, records: dict[str, np.ndarray]) -> int:
         """Write one block's records, then its checksum, then its done flag. Returns the checksum."""
-        group = self.split(split)
         start, stop = self.blocks(split)[block]
         for name in RECORD_FIELDS:
-            array = group[name]
+            array = self.array(split, name)
             values = np.asarray(records[name], dtype=array.dtype)
             if values.shape != (stop - start, *array.shape[1:]):
                 raise ValueError(f"block {block} of {split}/{name}: shape {values.shape} does not fit")
             array[start:stop] = values
-        typed = {n: np.asarray(records[n], dtype=group[n].dtype) for n in RECORD_FIELDS}
+        typed = {n: np.asarray(records[n], dtype=self.array(split, n).dtype) for n in RECORD_FIELDS}
         checksum = block_checksum(typed)
-        group["checksum"][block] = checksum
-        group["moments"][block] = block_moments(typed)
-        group["done"][block] = True
+        self.array(split, "checksum")[block] = checksum
+        self.array(split, "moments")[block] = block_moments(typed)
+        self.array(split, "done")[block] = True
         return checksum
 
     def read_block(self, split: str, block: int, fields: tuple[str, ...] = RECORD_FIELDS) -> dict[str, np.ndarray]:
         start, stop = self.blocks(split)[block]
-        group = self.split(split)
-        return {name: group[name][start:stop] for name in fields}
+        return {name: self.array(split, name)[start:stop] for name in fields}
 
     def read(self, split: str, name: str) -> np.ndarray:
         """A whole array (for small fields such as losses)."""
-        return self.split(split)[name][:]
+        return self.array(split, name)[:]
 
     def iter_blocks(self, split: str, fields: tuple[str, ...] = RECORD_FIELDS) -> Iterator[dict[str, np.ndarray]]:
         for block in range(len(self.blocks(split))):
