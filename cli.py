@@ -218,6 +218,7 @@ def run_command(
     device: DeviceOpt = "cpu",
     profile: ProfileOpt = None,
     ensemble: EnsembleOpt = None,
+    layer: Annotated[str | None, typer.Option(help="Layer to overfit (default: the task's; auto: top-ranked).")] = None,
     workers: WorkersOpt = None,
     threads_per_worker: ThreadsOpt = 1,
     scheduler: SchedulerOpt = None,
@@ -227,7 +228,7 @@ def run_command(
     """Every stage on a task (base, overfit, train, evaluate), each only if its cache is missing."""
     _positive("--ensemble", ensemble)
     ctx = _context(task, cache_dir, device, no_progress)
-    cfgs = _configs(ctx, config, train={"profile": profile}, evaluate={"ensemble": ensemble})
+    cfgs = _configs(ctx, config, overfit={"layer": layer}, train={"profile": profile}, evaluate={"ensemble": ensemble})
     ctx.cache.ensure_writable()
     result = _stage_evaluate(ctx, cfgs, _cluster(workers, threads_per_worker, scheduler))
     _emit_evaluation(ctx, result, as_json)

@@ -362,3 +362,39 @@ def test_cache_ls_rm_gc(source, tmp_path):
     share.remove_garbage(cache)
     assert share.list_entries(cache) == [] and share.garbage(cache) == []
     assert (root / "raw" / "mnist").is_dir()
+
+
+def test_imported_store_trains_and_evaluates_to_the_same_results(tmp_path):
+    """The acceptance path: export, import into a fresh cache, `ocd train` + `ocd evaluate` there."""
+    import os
+    import subprocess
+
+    from tests_support import ocd_command
+
+    config = tmp_path / "tiny.toml"
+    config.write_text("[train]\nprofile = 'tiny'\nepochs = 1\nbatch_size = 64\n"
+                      "[evaluate]\nensemble = 2\nbootstrap = 50\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def ocd(*args):
+        extra = ("--no-progress",) if args[0] in ("train", "evaluate") else ()
+        proc = subprocess.run(ocd_command(*args, "--json", *extra), capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else proc.stdout
+
+    original, received = tmp_path / "original", tmp_path / "received"
+    common = ("--task", "digits", "--config", config, "--workers", "0")
+    first = ocd("evaluate", *common, "--cache-dir", original)
+    store_key = next((original / "overfit").glob("*/store.zarr")).parent.name
+    ocd("store", "export", store_key, tmp_path / "package", "--cache-dir", original)
+    ocd("store", "import", tmp_path / "package", "--cache-dir", received)
+    trained = ocd("train", *common, "--cache-dir", received)
+    second = ocd("evaluate", *common, "--cache-dir", received)
+    assert not (received / "base" / "raw").exists()
+    assert trained["cached"] is False and second["key"] == first["key"]
+    assert second["metrics"] == first["metrics"]
+    tampered = tmp_path / "package" / "base" / "model.safetensors"
+    tampered.write_bytes(tampered.read_bytes()[:-1] + b"\x00")
+    proc = subprocess.run(ocd_command("store", "import", tmp_path / "package", "--cache-dir", tmp_path / "third"),
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "base/model.safetensors" in proc.stderr
