@@ -25,6 +25,19 @@ from .scale_model import ScaleModel, log_scale_loss, scale_loss
 from .schedule import NoiseSchedule, ScheduleConfig, denoising_loss
 from .unet import UNet, UNetConfig, count_parameters, from_image, padded_shape, to_image
 
+# CPU-sized: a 4x4 patchify stem (the U-Net runs at 1/4 resolution, ~15x fewer FLOPs than a
+# full-resolution 32-channel U-Net), then two downsamplings (96x128 -> 24x32 -> 12x16 -> 6x8),
+# attention at the lowest level.
+_QUICK = UNetConfig(
+    channels=32,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attention_levels=(2,),
+    dropout=0.1,
+    norm_groups=8,
+    patch=4,
+)
+
 #: Denoiser profiles (read-only). ``cond_dims`` is filled in by :func:`create_denoiser`.
 PROFILES: Mapping[str, UNetConfig] = MappingProxyType(
     {
@@ -37,32 +50,11 @@ PROFILES: Mapping[str, UNetConfig] = MappingProxyType(
             attention_levels=(3,),
             dropout=0.4,
         ),
-        # CPU-sized: a 4x4 patchify stem (the U-Net runs at 1/4 resolution, ~15x fewer FLOPs than a
-        # full-resolution 32-channel U-Net), then two downsamplings (96x128 -> 24x32 -> 12x16 -> 6x8),
-        # attention at the lowest level.
-        "quick": UNetConfig(
-            channels=32,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            attention_levels=(2,),
-            dropout=0.1,
-            norm_groups=8,
-            patch=4,
-        ),
+        "quick": _QUICK,
         # quick + conditioning laid out along the delta's rows and columns (act_out per row, act_in per
         # column, and 4 learned per-row/per-column feature maps): the denoiser can place the outer-product
         # structure of a Linear layer's delta. Not in the paper; see docs/results.md.
-        "quick-axis": UNetConfig(
-            channels=32,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            attention_levels=(2,),
-            dropout=0.1,
-            norm_groups=8,
-            patch=4,
-            axis_channels=4,
-            axis_signals=("act_out", "act_in"),
-        ),
+        "quick-axis": dataclasses.replace(_QUICK, axis_channels=4, axis_signals=("act_out", "act_in")),
         # For tests and toy problems: one downsampling, ~0.2M parameters.
         "tiny": UNetConfig(
             channels=16,
