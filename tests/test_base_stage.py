@@ -1,18 +1,14 @@
 """Stage zero through the CLI: training, caching, errors."""
 from __future__ import annotations
 
-import time
-
 
 def test_base_on_digits_trains_and_caches(run_cli, cache_dir):
-    start = time.perf_counter()
     first = run_cli("base", "--task", "digits", "--cache-dir", cache_dir, "--json", "--no-progress")
     assert first.code == 0, first.err
     report = first.json()
     assert report["cached"] is False
     assert report["metrics"]["test"]["accuracy"] > 0.9
     assert report["metrics"]["test"]["loss"] < 0.5
-    assert time.perf_counter() - start < 120
     second = run_cli("base", "--task", "digits", "--cache-dir", cache_dir, "--json", "--no-progress")
     assert second.code == 0 and second.json()["cached"] is True
     assert second.json()["key"] == report["key"]
