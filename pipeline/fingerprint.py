@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bump when the layout of any cached artefact changes: every key changes with it."""
 
 

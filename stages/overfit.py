@@ -146,7 +146,10 @@ def run_block(job: BlockJob) -> BlockReport:
 def _field_specs(records: dict[str, np.ndarray]) -> dict[str, FieldSpec]:
     specs = {}
     for name, values in records.items():
-        dtype = "int64" if np.issubdtype(values.dtype, np.integer) else "float32"
+        if np.issubdtype(values.dtype, np.integer):
+            dtype = "int64"
+        else:  # losses are computed in float64 (see compute_records) and kept so; the rest in float32
+            dtype = "float64" if values.dtype == np.float64 and values.ndim == 1 else "float32"
         specs[name] = FieldSpec(tuple(values.shape[1:]), dtype)
     return specs
 
